@@ -1,0 +1,1 @@
+"""The `epd-serve` command line."""

@@ -1,0 +1,1 @@
+"""Torch-free pieces every process needs."""

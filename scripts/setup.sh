@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv and install EPD-Serve with its test extras. Safe to run again: it only installs what
+# is missing. torch is pinned and installed first, so that pip never pulls the CUDA builds on a
+# CPU-only machine (set EPD_TORCH_SPEC to install another build, e.g. on a GPU host).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${EPD_TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "==> installing $TORCH_SPEC"
+  .venv/bin/pip install --quiet --disable-pip-version-check "$TORCH_SPEC"
+fi
+if ! .venv/bin/python -c "import cli.main, pytest, openai" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.epd-installed ]; then
+  echo "==> installing epd-serve (editable) with test extras"
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
+  touch .venv/.epd-installed
+fi

@@ -1,0 +1,1 @@
+"""Everything that runs a model: model families, the LLM engine and the stage services."""

@@ -1,0 +1,1 @@
+"""The LLM engine shared by prefill and decode."""

@@ -1,0 +1,87 @@
+"""One request inside the engine: its tokens, its KV blocks and where it is in its life.
+
+Torch-free on purpose: the scheduler and block manager reason about sequences with plain ints. What the
+model runner needs beyond token ids (image features, M-RoPE positions) rides along in `model_inputs`,
+an opaque object the scheduler never looks into.
+
+Life of a sequence: WAITING (prompt not yet computed) -> RUNNING (prefill chunks, then one token per
+step) -> FINISHED. Under memory pressure a RUNNING sequence is SWAPPED out (its KV copied to host
+memory, its blocks freed) and later swapped back in. A sequence handed over by a prefill stage starts
+SWAPPED: the KV it brings is exactly a swapped-out state.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import Any
+
+from common.sampling_params import SamplingParams
+
+_arrival = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    PREFILLED = "prefilled"  # prefill-only engines: first token sampled, KV kept until handed over
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        model_inputs: Any = None,
+        prefill_only: bool = False,
+    ) -> None:
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id}: the prompt is empty")
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.model_inputs = model_inputs
+        self.prefill_only = prefill_only
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.swapped_kv: Any = None  # host copy of the KV while SWAPPED
+        self.arrival = next(_arrival)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )

@@ -1,0 +1,1 @@
+"""Model families, the checkpoint loader and offline tiny checkpoints."""

@@ -1,0 +1,98 @@
+"""Load a Hugging Face checkpoint from a local folder, through transformers' own loading code.
+
+The folder must hold config.json, safetensors weights and a tokenizer, as `save_pretrained` writes them
+(`epd-serve make-tiny-model` builds such folders offline). Anything else is refused with a message that
+says what is wrong, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.models.registry import SUPPORTED_MODEL_TYPES, family_class
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    model_type: str
+    family: Any  # the family adapter (e.g. Qwen2VLFamily)
+    tokenizer: Any
+    eos_token_ids: list[int]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def read_model_type(path: str | Path) -> str:
+    """Validate the folder and return its `model_type`, without importing torch."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelLoadError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is not a folder; pass the folder that holds config.json")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{folder} is not a Hugging Face checkpoint: it has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model type {model_type!r} of {folder} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise ModelLoadError(f"{folder} has no *.safetensors weights")
+    return model_type
+
+
+def _eos_ids(folder: Path, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.extend(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def load_model(
+    path: str | Path, *, device: str = "cpu", dtype: str | None = None, attention: str | None = None
+) -> LoadedModel:
+    """Load weights, tokenizer and image processor; `attention` names the text attention implementation
+    (default: the engine's paged attention; "sdpa" gives transformers' stock model for references)."""
+    model_type = read_model_type(path)
+    folder = Path(path).resolve()
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from services.engine.attention import register_paged_attention
+
+    if attention is None:
+        attention = register_paged_attention()
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
+    if device.startswith("npu"):
+        import torch_npu  # noqa: F401  (registers the device; only when asked for)
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder,
+        dtype=torch_dtype,
+        attn_implementation={"text_config": attention, "vision_config": "sdpa", "": "sdpa"},
+    )
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    cls = family_class(model_type)
+    family = cls(model, cls.load_image_processor(str(folder)))
+    return LoadedModel(folder, model_type, family, tokenizer, _eos_ids(folder, tokenizer))

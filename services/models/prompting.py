@@ -1,0 +1,40 @@
+"""Torch-free prompt helpers: chat rendering and placeholder expansion.
+
+A chat template renders one `<|image_pad|>` per image; the model needs one per feature row the encoder
+makes for that image, a count known from the image's size alone (see `vision_geometry`). Expanding here,
+without torch, is what lets the gateway tokenize and route a request before any encoder has run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def expand_placeholders(token_ids: list[int], placeholder_id: int, counts: list[int]) -> list[int]:
+    """Replace the i-th `placeholder_id` by `counts[i]` copies of it."""
+    found = token_ids.count(placeholder_id)
+    if found != len(counts):
+        raise ValueError(f"the prompt has {found} image placeholders but {len(counts)} images were given")
+    out: list[int] = []
+    it = iter(counts)
+    for tok in token_ids:
+        if tok == placeholder_id:
+            out.extend([placeholder_id] * next(it))
+        else:
+            out.append(tok)
+    return out
+
+
+def user_message(text: str, num_images: int = 0) -> list[dict[str, Any]]:
+    """A one-turn chat: the images first, then the text, as OpenAI-style content parts."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of `messages` through the checkpoint's own chat template, ready for generation."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+        ids = ids["input_ids"]
+    return list(ids)

@@ -1,0 +1,17 @@
+"""Which model families we serve, keyed by the `model_type` of a checkpoint's config.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def family_class(model_type: str) -> Any:
+    """The adapter class for `model_type`; imported lazily so the registry itself stays torch-free."""
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        from services.models.qwen2_vl import Qwen2VLFamily
+
+        return Qwen2VLFamily
+    raise KeyError(model_type)
+
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")

@@ -1,0 +1,305 @@
+"""Offline random-weight Qwen2-VL / Qwen2.5-VL checkpoints for tests, demos and benchmarks.
+
+There is no model hub here, yet every stage (encode, prefill, decode) must run the real transformers
+code path. These checkpoints are ordinary `save_pretrained` folders (config, safetensors weights,
+tokenizer, PIL image processor, generation config), so they load through the same `from_pretrained`
+calls as a downloaded model. Weights are random but reproducible: the same family, preset and seed
+give byte-identical files.
+
+`initializer_range` is far above the usual 0.02 on purpose: with 0.02 the logits are nearly flat and
+greedy decoding repeats one token, so a wrong position id or a misplaced image feature would go
+unnoticed. With the larger ranges below, such bugs change the generated tokens.
+
+Loading the image processor: saved configs name `Qwen2VLImageProcessor`, and `AutoImageProcessor`
+picks the torchvision class when torchvision is installed. We never depend on torchvision, so loaders
+should call `Qwen2VLImageProcessorPil.from_pretrained(dir)` (or `AutoImageProcessor` with
+`backend="pil"`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+PRESETS = ("tiny", "small", "mid")
+
+# Bump when the tokenizer, presets or file layout change, so cached checkpoints get rebuilt.
+FORMAT_VERSION = 1
+MARKER_FILE = "tiny_model.json"
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128, "max_pos": 4096, "init": 0.2,
+        "v_dim": 32, "v_depth": 2, "v_heads": 2, "v_ffn": 96, "v_fullatt": [1],
+        "min_pixels": 28 * 28 * 4, "max_pixels": 448 * 448,
+    },
+    "small": {
+        "hidden": 512, "layers": 4, "heads": 8, "kv_heads": 2, "ffn": 1408, "max_pos": 8192, "init": 0.05,
+        "v_dim": 384, "v_depth": 4, "v_heads": 6, "v_ffn": 1024, "v_fullatt": [1, 3],
+        "min_pixels": 28 * 28 * 4, "max_pixels": 448 * 448,
+    },
+    "mid": {
+        "hidden": 1536, "layers": 8, "heads": 12, "kv_heads": 2, "ffn": 8960, "max_pos": 8192, "init": 0.05,
+        "v_dim": 1280, "v_depth": 8, "v_heads": 16, "v_ffn": 3420, "v_fullatt": [3, 7],
+        "min_pixels": 28 * 28 * 4, "max_pixels": 896 * 896,
+    },
+}  # fmt: skip
+
+
+_TOKENS = {
+    "endoftext": "<|endoftext|>",
+    "im_end": "<|im_end|>",
+    "image_pad": "<|image_pad|>",
+    "video_pad": "<|video_pad|>",
+    "vision_start": "<|vision_start|>",
+    "vision_end": "<|vision_end|>",
+}
+
+
+def _check(family: str, preset: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; supported families: {', '.join(FAMILIES)}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; supported presets: {', '.join(PRESETS)}")
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (time, height, width) in Qwen2-VL's 2:3:3 ratio.
+
+    Qwen2-VL's real head_dim 128 gives [16, 24, 24]; the sections must sum to head_dim // 2.
+    """
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def build_config(family: str, preset: str, tokenizer: Any) -> Any:
+    """The transformers config for a family and preset, with token ids taken from `tokenizer`."""
+    _check(family, preset)
+    p = _PRESETS[preset]
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _TOKENS.items()}
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": p["hidden"],
+        "intermediate_size": p["ffn"],
+        "num_hidden_layers": p["layers"],
+        "num_attention_heads": p["heads"],
+        "num_key_value_heads": p["kv_heads"],
+        "max_position_embeddings": p["max_pos"],
+        "max_window_layers": p["layers"],
+        "initializer_range": p["init"],
+        # transformers 5 keeps M-RoPE under rope_parameters with rope_type "default" ("mrope" is
+        # rewritten to "default" on load); mrope_section is what switches the 3-axis split on.
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": mrope_section(p["hidden"] // p["heads"]),
+        },
+        "bos_token_id": ids["endoftext"],
+        "eos_token_id": ids["im_end"],
+        "pad_token_id": ids["endoftext"],
+    }
+    common_vision = {
+        "depth": p["v_depth"],
+        "num_heads": p["v_heads"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "initializer_range": p["init"],
+    }
+    top = {
+        "image_token_id": ids["image_pad"],
+        "video_token_id": ids["video_pad"],
+        "vision_start_token_id": ids["vision_start"],
+        "vision_end_token_id": ids["vision_end"],
+        "bos_token_id": ids["endoftext"],
+        "eos_token_id": ids["im_end"],
+        "pad_token_id": ids["endoftext"],
+        "tie_word_embeddings": False,
+        # Must be set on the outer config too: the composite model's weight init reads it there and
+        # silently falls back to 0.02 for the language model otherwise.
+        "initializer_range": p["init"],
+    }
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+
+        vision = {**common_vision, "embed_dim": p["v_dim"], "hidden_size": p["hidden"], "mlp_ratio": 4}
+        return Qwen2VLConfig(text_config=text_config, vision_config=vision, **top)
+    from transformers import Qwen2_5_VLConfig
+
+    vision = {
+        **common_vision,
+        "hidden_size": p["v_dim"],
+        "intermediate_size": p["v_ffn"],
+        "out_hidden_size": p["hidden"],
+        "window_size": 112,  # pixels: 112 / 14 / 2 = windows of 4x4 merged tokens, as in the real model
+        "fullatt_block_indexes": list(p["v_fullatt"]),
+    }
+    return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision, **top)
+
+
+def make_tiny_model(
+    family: str,
+    out_dir: str | os.PathLike[str],
+    preset: str = "tiny",
+    seed: int = 0,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Build a random-weight checkpoint into `out_dir` and return its path.
+
+    The checkpoint is written into a temporary folder beside `out_dir` and renamed into place at the
+    end, so an interrupted build never leaves half a checkpoint. An existing non-empty `out_dir` is an
+    error unless `overwrite` is set.
+    """
+    _check(family, preset)
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"[make-tiny-model] {message}", file=sys.stderr, flush=True)
+
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig, Qwen2VLImageProcessorPil
+    from transformers.utils import logging as hf_logging
+
+    from services.models.tiny_tokenizer import build_tokenizer
+
+    say("training tokenizer")
+    tokenizer = build_tokenizer()
+    config = build_config(family, preset, tokenizer)
+    say(f"initialising {family} {preset} weights (seed {seed})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    end_ids = [tokenizer.convert_tokens_to_ids(_TOKENS["im_end"]), tokenizer.pad_token_id]
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=end_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    p = _PRESETS[preset]
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=p["min_pixels"],
+        max_pixels=p["max_pixels"],
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        say(f"saving to {out}")
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        marker = {"family": family, "preset": preset, "seed": seed, "format_version": FORMAT_VERSION}
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        # mkdtemp makes the folder 0700 and safetensors leaves the weights 0600: make it shareable
+        os.chmod(tmp, 0o755)
+        for file in tmp.iterdir():
+            os.chmod(file, 0o644)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"done: {count_parameters(model):,} parameters")
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished `src` to `dst`; an old `dst` is moved aside first and removed after."""
+    if not dst.exists():
+        src.rename(dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    old.rmdir()
+    dst.rename(old)
+    src.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def count_parameters(model: Any) -> int:
+    """Parameters of a loaded model."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameter_count(checkpoint: str | os.PathLike[str]) -> int:
+    """Parameters of a saved checkpoint, read from the safetensors headers without loading weights."""
+    total = 0
+    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += math.prod(entry["shape"])
+    return total
+
+
+def default_model_dir(family: str = "qwen2_vl", preset: str = "tiny") -> Path:
+    """Where `ensure_tiny_model` keeps a checkpoint: `$EPD_SERVE_CACHE/models/{family}-{preset}`,
+    with `EPD_SERVE_CACHE` defaulting to `~/.cache/epd-serve`."""
+    _check(family, preset)
+    root = os.environ.get("EPD_SERVE_CACHE") or Path.home() / ".cache" / "epd-serve"
+    return Path(root).expanduser() / "models" / f"{family}-{preset}"
+
+
+def _is_current(path: Path, family: str, preset: str) -> bool:
+    try:
+        marker = json.loads((path / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    expected = {"family": family, "preset": preset, "format_version": FORMAT_VERSION}
+    return all(marker.get(k) == v for k, v in expected.items())
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_tiny_model(family: str = "qwen2_vl", preset: str = "tiny") -> Path:
+    """Return the cached checkpoint for `family`/`preset`, building it (seed 0) on first use.
+
+    A file lock beside the folder makes concurrent processes wait for one build instead of racing;
+    a checkpoint left by an older format version is rebuilt.
+    """
+    path = default_model_dir(family, preset)
+    if _is_current(path, family, preset):
+        return path
+    with _file_lock(path.parent / f".{path.name}.lock"):
+        if not _is_current(path, family, preset):
+            make_tiny_model(family, path, preset=preset, seed=0, overwrite=True)
+    return path

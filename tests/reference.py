@@ -1,0 +1,47 @@
+"""The oracle: transformers' own `generate(do_sample=False)` on the same checkpoint, plus test inputs."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+
+@functools.cache
+def hf_model(path: str):
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def hf_greedy(path: str, family, token_ids: list[int], items: list, max_new_tokens: int):
+    """Greedy tokens and per-token logits of transformers' generate for one prompt (stops at EOS)."""
+    model = hf_model(str(path))
+    ids = torch.tensor([token_ids])
+    kwargs = {}
+    if items:
+        kwargs["pixel_values"] = torch.cat([i.pixel_values for i in items])
+        kwargs["image_grid_thw"] = torch.tensor([i.grid_thw for i in items])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=(ids == family.image_token_id).int(),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+    tokens = out.sequences[0, len(token_ids) :].tolist()
+    return tokens, [lg[0] for lg in out.logits]
+
+
+def max_logit_diff(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    assert len(ours) == len(ref), f"{len(ours)} logits rows vs {len(ref)} from the reference"
+    return max(float((a.float() - b.float()).abs().max()) for a, b in zip(ours, ref, strict=True))
