@@ -38,6 +38,10 @@ PRESETS = ("tiny", "small", "mid")
 FORMAT_VERSION = 1
 MARKER_FILE = "tiny_model.json"
 
+# Text: hidden size, layers, heads, kv_heads, ffn (intermediate size), max_pos, init (initializer_range).
+# Vision: v_dim (width), v_depth, v_heads; Qwen2-VL's MLP is 4 x v_dim, Qwen2.5-VL's is the gated v_ffn,
+# with full attention in the v_fullatt blocks and windowed attention in the others (as in the real
+# model, one block in four or eight). min/max_pixels go to the image processor.
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128, "max_pos": 4096, "init": 0.2,
@@ -56,7 +60,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 
-
+# Names match services.models.tiny_tokenizer, not imported here because it loads transformers.
 _TOKENS = {
     "endoftext": "<|endoftext|>",
     "im_end": "<|im_end|>",

@@ -195,3 +195,46 @@ def test_chat_template() -> None:
     assert tokenizer.apply_chat_template(with_system, tokenize=False) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     )
+
+
+def test_ensure_tiny_model_builds_once_under_concurrency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    monkeypatch.setenv("EPD_SERVE_CACHE", str(tmp_path))
+    real_build, calls = tiny.make_tiny_model, []
+
+    def slow_build(*args, **kwargs):
+        calls.append(args)
+        time.sleep(0.2)  # long enough for the other thread to reach the lock
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(tiny, "make_tiny_model", slow_build)
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(tiny.ensure_tiny_model())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    assert results == [tiny.default_model_dir()] * 2
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from cli import make_tiny_model as command
+
+    parser = argparse.ArgumentParser(prog="epd-serve")
+    command.add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["make-tiny-model", str(tmp_path / "m"), "--family", "qwen2_5_vl", "--seed", "3"]
+    )
+    assert args.run(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [str(tmp_path / "m"), "299,872 parameters"]
+    assert json.loads((tmp_path / "m" / tiny.MARKER_FILE).read_text())["seed"] == 3
+    assert args.run(args) == 2  # refuses to overwrite without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
