@@ -72,7 +72,8 @@ def test_continuous_batch_with_joins_and_chunked_prefill_matches_transformers(ch
     fam = loaded.family
     # a small token budget forces prompts through several prefill chunks while others decode
     engine = Engine(
-        fam, loaded.eos_token_ids,
+        fam,
+        loaded.eos_token_ids,
         EngineConfig(num_blocks=256, max_model_len=2048, max_num_batched_tokens=48),
         keep_logits=True,
     )

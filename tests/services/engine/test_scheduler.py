@@ -33,8 +33,12 @@ def make(num_blocks=64, block_size=4, budget=32, max_seqs=8, max_len=256):
     bm = BlockManager(num_blocks, block_size)
     swapper = RecordingSwapper()
     sched = Scheduler(
-        bm, swapper, max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-        max_model_len=max_len, eos_token_ids=[EOS],
+        bm,
+        swapper,
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=budget,
+        max_model_len=max_len,
+        eos_token_ids=[EOS],
     )
     return sched, bm, swapper
 
@@ -131,7 +135,9 @@ def test_stop_rules_eos_stop_token_and_max_tokens():
     ups = sched.postprocess(out, [EOS, 9, 5])
     reasons = {u.seq.request_id: u.seq.finish_reason for u in ups}
     assert reasons == {
-        "eos": FinishReason.STOP, "stop_token": FinishReason.STOP, "length": FinishReason.LENGTH,
+        "eos": FinishReason.STOP,
+        "stop_token": FinishReason.STOP,
+        "length": FinishReason.LENGTH,
     }
 
 
