@@ -29,8 +29,8 @@ PAGED_ATTENTION = "epd_paged"
 class PrefillSpan:
     q_start: int  # rows of the packed step
     q_end: int
-    gather: torch.Tensor | None = None  # slots of the whole context; None for a fresh prompt
-    mask: torch.Tensor | None = None  # [q, context] bool, bottom-right causal
+    blocks: torch.Tensor | None = None  # block ids holding the context; None for a fresh prompt
+    mask: torch.Tensor | None = None  # [q, blocks * block_size] bool, bottom-right causal
 
 
 @dataclass(slots=True)
@@ -38,8 +38,8 @@ class AttentionMetadata:
     kv: KVCache
     slot_mapping: torch.Tensor  # [T] slot of every new token
     num_decodes: int = 0  # the first rows of the step are one-token decodes
-    decode_gather: torch.Tensor | None = None  # [B, L] slots of each decode row's context
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where a key is real
+    decode_blocks: torch.Tensor | None = None  # [B * W] block ids, W per decode row (padded)
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, W * block_size] True where a key is real
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -59,29 +59,39 @@ def paged_attention(
     k_cache, v_cache = paged.kv.layer(module.layer_idx)
     k_cache.index_copy_(0, paged.slot_mapping, key[0].transpose(0, 1))
     v_cache.index_copy_(0, paged.slot_mapping, value[0].transpose(0, 1))
+    k_blocks, v_blocks = paged.kv.layer_blocks(module.layer_idx)
 
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
     b = paged.num_decodes
     if b:
         q = query[0, :, :b].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        k = k_cache[paged.decode_gather].transpose(1, 2)  # [B, KVH, L, D]
-        v = v_cache[paged.decode_gather].transpose(1, 2)
+        k = _gather(k_blocks, paged.decode_blocks, b)  # [B, KVH, W * block_size, D]
+        v = _gather(v_blocks, paged.decode_blocks, b)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=paged.decode_mask, scale=scaling, enable_gqa=True
         )
         out[:b] = o[:, :, 0]
     for span in paged.prefills:
         q = query[:, :, span.q_start : span.q_end]
-        if span.gather is None:
+        if span.blocks is None:
             k = key[:, :, span.q_start : span.q_end]
             v = value[:, :, span.q_start : span.q_end]
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:
-            k = k_cache[span.gather].transpose(0, 1).unsqueeze(0)
-            v = v_cache[span.gather].transpose(0, 1).unsqueeze(0)
+            k = _gather(k_blocks, span.blocks, 1)
+            v = _gather(v_blocks, span.blocks, 1)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=span.mask, scale=scaling, enable_gqa=True)
         out[span.q_start : span.q_end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _gather(pool: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
+    """Whole blocks of `pool` [num_blocks, block_size, KVH, D] -> [rows, KVH, tokens, D].
+
+    Gathering by block (index_select of contiguous block_size * KVH * D runs) instead of by token is
+    several times faster on CPU; the padding this brings is masked out."""
+    picked = pool.index_select(0, blocks)
+    return picked.view(rows, -1, pool.shape[2], pool.shape[3]).transpose(1, 2)
 
 
 def register_paged_attention() -> str:

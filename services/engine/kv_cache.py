@@ -58,13 +58,19 @@ class KVCache:
             (buffer[i, 0].view(-1, *shape[-2:]), buffer[i, 1].view(-1, *shape[-2:]))
             for i in range(layout.num_layers)
         ]
+        self._blocks = [(buffer[i, 0], buffer[i, 1]) for i in range(layout.num_layers)]
 
     @property
     def device(self) -> torch.device:
         return self.pool.device
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value slots of one layer: [num_blocks * block_size, kv_heads, head_dim] each."""
         return self._flat[index]
+
+    def layer_blocks(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same memory as `layer`, by block: [num_blocks, block_size, kv_heads, head_dim] each."""
+        return self._blocks[index]
 
     def slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """Slot of each of the first `num_tokens` tokens of a sequence."""

@@ -94,9 +94,9 @@ class ModelRunner:
             deltas = torch.tensor([_inputs(c).rope_delta for c in chunks[:num_decodes]])
             positions[:, :num_decodes] = (starts[:num_decodes] + deltas).to(self.device)
             context = starts[:num_decodes] + 1
-            j = torch.arange(int(context.max()))
-            dec_rows = torch.arange(num_decodes)[:, None]
-            meta.decode_gather = self._slots(table, dec_rows, j[None, :]).to(self.device)
+            width = -(-int(context.max()) // self.block_size)
+            j = torch.arange(width * self.block_size)
+            meta.decode_blocks = table[:num_decodes, :width].reshape(-1).to(self.device)
             meta.decode_mask = (j[None, :] < context[:, None]).view(num_decodes, 1, 1, -1).to(self.device)
 
         q = num_decodes
@@ -106,8 +106,9 @@ class ModelRunner:
             self._prefill_positions_and_features(c, q, embeds, positions)
             span = PrefillSpan(q, q + n)
             if c.start > 0:
-                j = torch.arange(end)
-                span.gather = self._slots(table, torch.full_like(j, i), j).to(self.device)
+                width = -(-end // self.block_size)
+                j = torch.arange(width * self.block_size)
+                span.blocks = table[i, :width].to(self.device)
                 span.mask = (j[None, :] <= torch.arange(c.start, end)[:, None]).to(self.device)
             meta.prefills.append(span)
             q += n
