@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "make-tiny-model": "cli.make_tiny_model",
     "generate": "cli.generate",
     "bench-engine": "cli.bench_engine",
+    "up": "cli.up",
+    "serve": "cli.serve",
 }
 
 

@@ -14,6 +14,7 @@ the model runner and passed as a keyword argument that transformers forwards unt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,9 @@ class AttentionMetadata:
     decode_blocks: torch.Tensor | None = None  # [B * W] block ids, W per decode row (padded)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, W * block_size] True where a key is real
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # called with the layer index once that layer's new K/V are in the pool, before attending: a
+    # prefill stage ships the layer to decode while the next layers compute
+    on_layer: Callable[[int], None] | None = None
 
 
 def paged_attention(
@@ -60,6 +64,8 @@ def paged_attention(
     k_cache.index_copy_(0, paged.slot_mapping, key[0].transpose(0, 1))
     v_cache.index_copy_(0, paged.slot_mapping, value[0].transpose(0, 1))
     k_blocks, v_blocks = paged.kv.layer_blocks(module.layer_idx)
+    if paged.on_layer is not None:
+        paged.on_layer(module.layer_idx)
 
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
     b = paged.num_decodes

@@ -40,6 +40,7 @@ class Engine:
         *,
         prefill_only: bool = False,
         keep_logits: bool = False,
+        kv_buffer: torch.Tensor | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
         self.family = family
@@ -54,7 +55,12 @@ class Engine:
                 f"the KV pool holds {num_blocks * bs} tokens, less than max_model_len "
                 f"{self.max_model_len}: give more blocks/memory or a smaller max_model_len"
             )
-        self.kv = KVCache(self.layout, num_blocks, bs, device=family.device)
+        if kv_buffer is not None:  # memory a data plane owns (shared memory, registered RDMA memory)
+            kv_buffer = kv_buffer.view(self.layout.dtype).view(
+                self.layout.num_layers, 2, -1, bs, self.layout.num_kv_heads, self.layout.head_dim
+            )
+            num_blocks = kv_buffer.shape[2]
+        self.kv = KVCache(self.layout, num_blocks, bs, device=family.device, buffer=kv_buffer)
         self.block_manager = BlockManager(num_blocks, bs)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -66,6 +72,7 @@ class Engine:
             watermark_blocks=int(num_blocks * config.watermark),
         )
         self.runner = ModelRunner(family, self.kv)
+        self._reserved: dict[str, Sequence] = {}
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -105,6 +112,43 @@ class Engine:
         self.scheduler.add(seq)
         return seq
 
+    # ---- blocks written by someone else (a prefill stage, through a data plane) --------------------
+
+    def reserve(self, request_id: str, num_prompt_tokens: int, params: SamplingParams) -> list[int] | None:
+        """Set aside blocks for a prompt computed elsewhere; None when the pool has no room now."""
+        if request_id in self._reserved or request_id in self.scheduler.requests:
+            raise ValueError(f"request {request_id} is already in the engine")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(f"{num_prompt_tokens} prompt tokens leave no room within {self.max_model_len}")
+        seq = Sequence(request_id, [0] * num_prompt_tokens, params)
+        bm = self.block_manager
+        if bm.blocks_for(num_prompt_tokens) + self.scheduler.watermark_blocks > bm.num_free_blocks:
+            return None
+        bm.grow(seq, num_prompt_tokens)
+        self._reserved[request_id] = seq
+        return list(seq.block_table)
+
+    def admit_reserved(self, request_id: str, token_ids: list[int], rope_delta: int = 0) -> Sequence:
+        """The reserved blocks now hold the prompt's KV: decode on from `token_ids` (prompt + first)."""
+        seq = self._reserved.pop(request_id)
+        n = seq.num_prompt_tokens
+        seq.token_ids = list(token_ids)
+        seq.model_inputs = ModelInputs(rope_delta=rope_delta)
+        seq.num_computed_tokens = n
+        seq.status = SequenceStatus.SWAPPED  # with its blocks in place: admitted without a copy
+        self.scheduler.add(seq)
+        return seq
+
+    def release_reservation(self, request_id: str) -> bool:
+        seq = self._reserved.pop(request_id, None)
+        if seq is not None:
+            self.block_manager.free(seq)
+        return seq is not None
+
+    @property
+    def num_reserved(self) -> int:
+        return len(self._reserved)
+
     def take_prefilled(self, request_id: str) -> torch.Tensor:
         """The KV of a prefilled sequence (token-major, on the host); frees its blocks."""
         seq = self.scheduler.requests[request_id]
@@ -114,8 +158,15 @@ class Engine:
         self.scheduler.release(seq)
         return kv
 
+    def release_prefilled(self, request_id: str) -> None:
+        """Free a prefilled sequence whose KV has left by other means (a data plane)."""
+        seq = self.scheduler.requests.get(request_id)
+        if seq is not None and seq.status is SequenceStatus.PREFILLED:
+            self.scheduler.release(seq)
+
     def abort(self, request_id: str) -> bool:
-        return self.scheduler.abort(request_id)
+        """End a request wherever it is (queued, running, swapped, prefilled or reserved)."""
+        return self.release_reservation(request_id) or self.scheduler.abort(request_id)
 
     def finish(self, request_id: str, reason: FinishReason = FinishReason.STOP) -> None:
         """End a request early (a stop string seen by whoever detokenizes)."""

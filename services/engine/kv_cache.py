@@ -117,6 +117,7 @@ class HostSwapper:
         seq.swapped_kv = self.kv.export_tokens(seq.block_table, seq.num_computed_tokens)
 
     def swap_in(self, seq: Sequence) -> None:
-        if seq.num_computed_tokens:
+        # a sequence whose KV was written into its reserved blocks by a data plane brings no host copy
+        if seq.swapped_kv is not None and seq.num_computed_tokens:
             self.kv.import_tokens(seq.block_table, seq.swapped_kv)
         seq.swapped_kv = None

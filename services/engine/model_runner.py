@@ -8,6 +8,7 @@ vectorised over the step, and shared by every layer.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,8 @@ class ModelRunner:
         self.kv = kv
         self.device = kv.device
         self.block_size = kv.block_size
+        # called as hook(layer_index, chunks that complete their prompt in this step)
+        self.layer_hook: Callable[[int, list[ScheduledChunk]], None] | None = None
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput, keep_logits: bool = False) -> StepResult:
@@ -45,6 +48,11 @@ class ModelRunner:
         embeds = self.family.embed(token_ids)
         positions = torch.empty(3, len(token_ids), dtype=torch.long, device=self.device)
         meta = self._metadata(chunks, embeds, positions)
+        if self.layer_hook is not None:
+            finishing = [c for c in chunks if c.samples and not c.is_decode]
+            if finishing:
+                hook = self.layer_hook
+                meta.on_layer = lambda layer: hook(layer, finishing)
         hidden = self.family.forward(embeds, positions, meta)
 
         sampling = [c for c in chunks if c.samples]

@@ -1,0 +1,56 @@
+"""`epd-serve serve`: one stage process, started by hand (or by `up`, or by a compose file)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run one stage process (some of E, P, D) that registers with a gateway",
+        description=(
+            "Start one process hosting the given roles of the model and register it with the gateway's "
+            "control address. Start as many as you like: each registers itself, nothing is wired by hand."
+        ),
+    )
+    p.add_argument("--roles", required=True, help="roles this process hosts: E, P, D or a mix (EP, PD, EPD)")
+    p.add_argument("--gateway", required=True, metavar="ADDR", help="the gateway's control address, tcp://HOST:PORT")
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--dataplane", default="auto", help="auto (default), shm, tcp, torchdist")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, npu")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, else bfloat16)")
+    p.add_argument("--bind-host", default="127.0.0.1", help="address peers reach this process on")
+    p.add_argument("--instance-id", default="", help="a name for this instance (default: generated)")
+    p.add_argument("--kv-cache-memory", type=int, default=256, metavar="MiB", help="KV pool size (default 256)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoding at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--threads", type=int, help="torch threads of this process (default: torch's)")
+    p.add_argument("--cpus", help="pin this process to these CPUs, e.g. 0 or 0-3 or 0,2")
+    p.set_defaults(run=run)
+
+
+def parse_cpus(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from services.host import HostConfig, serve
+
+    if args.cpus:
+        os.sched_setaffinity(0, parse_cpus(args.cpus))
+    config = HostConfig(
+        roles=args.roles, model_dir=args.model, gateway_address=args.gateway, dataplane=args.dataplane,
+        device=args.device, dtype=args.dtype, bind_host=args.bind_host, instance_id=args.instance_id,
+        kv_cache_memory=args.kv_cache_memory * 2**20, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        threads=args.threads,
+    )  # fmt: skip
+    return serve(config)

@@ -1,0 +1,179 @@
+"""A whole stack in one object: the gateway in this process, stage processes as children.
+
+Used by `epd-serve up` and by the benchmarks (which bring topologies up and down in one run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.log import get_logger
+from common.topology import Topology
+
+log = get_logger("epd.up")
+
+
+@dataclass(slots=True)
+class StackConfig:
+    model_dir: str
+    topology: Topology
+    dataplane: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    control_port: int = 0
+    device: str = "cpu"
+    dtype: str | None = None
+    kv_cache_memory: int = 256  # MiB per process
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    threads: int = 1
+    cpus: list[str] = field(default_factory=list)  # per process, in topology order
+    allowed_local_media_dirs: list[str] = field(default_factory=list)
+    ready_timeout: float = 180.0
+    restart: bool = True
+
+
+def build_tiny_model() -> str:
+    """The built-in tiny model, built on first use in a child process (this one stays torch-free)."""
+    code = "from services.models.tiny import ensure_tiny_model; print(ensure_tiny_model())"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def model_max_len(model_dir: str) -> int:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    text = config.get("text_config", config)
+    return int(text.get("max_position_embeddings") or config.get("max_position_embeddings") or 4096)
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):  # Linux: SIGTERM when the parent dies, even by kill -9
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class Stack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.children: list[subprocess.Popen | None] = []
+        self.commands: list[list[str]] = []
+        self.cluster = None
+        self.runner = None
+        self._supervisor: asyncio.Task | None = None
+
+    def serve_command(self, index: int, roles: str, gateway: str) -> list[str]:
+        c = self.config
+        cmd = [
+            sys.executable, "-m", "cli.main", "serve", "--roles", roles, "--gateway", gateway,
+            "--model", c.model_dir, "--dataplane", c.dataplane, "--device", c.device,
+            "--bind-host", c.host if c.host not in ("0.0.0.0", "::") else "127.0.0.1",
+            "--kv-cache-memory", str(c.kv_cache_memory), "--max-num-seqs", str(c.max_num_seqs),
+            "--threads", str(c.threads), "--instance-id", f"{roles.lower()}{index}",
+        ]  # fmt: skip
+        if c.dtype:
+            cmd += ["--dtype", c.dtype]
+        if c.max_model_len:
+            cmd += ["--max-model-len", str(c.max_model_len)]
+        if index < len(c.cpus):
+            cmd += ["--cpus", c.cpus[index]]
+        return cmd
+
+    async def start(self) -> None:
+        from gateway.app import create_app, start_site
+
+        from common.tokenizer import TextTokenizer
+        from gateway.cluster import Cluster
+        from gateway.config import GatewayConfig
+
+        c = self.config
+        max_len = c.max_model_len or model_max_len(c.model_dir)
+        ctrl_host = c.host if c.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        self.cluster = Cluster(
+            Path(c.model_dir).resolve().name, max_len, f"tcp://{ctrl_host}:{c.control_port or '*'}"
+        )
+        await self.cluster.start()
+        for i, roles in enumerate(c.topology.processes()):
+            self.commands.append(self.serve_command(i, roles, self.cluster.address))
+            self.children.append(self._spawn(i))
+        t0 = time.monotonic()
+        ready = asyncio.create_task(self.cluster.wait_for(c.topology.role_counts(), c.ready_timeout))
+        while not ready.done():
+            await asyncio.sleep(0.1)
+            dead = [i for i, p in enumerate(self.children) if p is not None and p.poll() is not None]
+            if dead:
+                ready.cancel()
+                raise RuntimeError(f"stage process {self.commands[dead[0]][5]} exited during start-up")
+        if not ready.result():
+            raise RuntimeError(f"not every instance registered within {c.ready_timeout:.0f} s")
+        tokenizer = TextTokenizer.from_dir(c.model_dir)
+        gw_config = GatewayConfig(
+            model_dir=Path(c.model_dir), host=c.host, port=c.port,
+            allowed_local_media_dirs=[Path(d) for d in c.allowed_local_media_dirs],
+        )  # fmt: skip
+        self.runner = await start_site(create_app(gw_config, self.cluster, tokenizer), c.host, c.port)
+        self._supervisor = asyncio.create_task(self._supervise())
+        log.info("stack ready", topology=str(c.topology), seconds=round(time.monotonic() - t0, 1))
+
+    def _spawn(self, index: int) -> subprocess.Popen:
+        return subprocess.Popen(self.commands[index], preexec_fn=_die_with_parent)  # noqa: PLW1509
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for i, p in enumerate(self.children):
+                if p is not None and p.poll() is not None and self.config.restart:
+                    log.warning("stage process exited; starting it again", index=i, code=p.returncode)
+                    self.children[i] = self._spawn(i)
+
+    async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        for p in self.children:
+            if p is not None and p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 10
+        for p in self.children:
+            if p is None:
+                continue
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if self.cluster is not None:
+            await self.cluster.close()
+
+    async def serve_forever(self) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+        except Exception as exc:
+            print(f"epd-serve up: error: {exc}", file=sys.stderr)
+            await self.stop()
+            return 1
+        c = self.config
+        url = f"http://{c.host}:{c.port}/v1"
+        print(
+            f"EPD-Serve is up: topology {c.topology}, model {Path(c.model_dir).name}\n"
+            f"  OpenAI API:   {url}   (model name: {Path(c.model_dir).resolve().name})\n"
+            f"  health:       http://{c.host}:{c.port}/health   metrics: http://{c.host}:{c.port}/metrics\n"
+            f"  stage control: {self.cluster.address}   (epd-serve serve --gateway ... adds instances)\n"
+            f"Press Ctrl-C to stop.",
+            flush=True,
+        )
+        await stop.wait()
+        await self.stop()
+        return 0

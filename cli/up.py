@@ -1,0 +1,76 @@
+"""`epd-serve up`: the whole stack on this machine, gateway plus one process per topology entry.
+
+The gateway runs in this process (it never imports torch); every stage process is a child started as
+`epd-serve serve ...`, exactly the command a compose file runs. Children die with this process (even
+if it is killed with -9: they ask the kernel for a signal when their parent dies), and a child that
+exits unexpectedly is started again, so a crashed instance rejoins by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "up",
+        help="start the gateway and the stage processes of a topology on this machine",
+        description=(
+            "Start the OpenAI-compatible gateway and one process per entry of --topology, wait until "
+            "every instance has registered, print where to send requests, and stop them all on Ctrl-C. "
+            "Without --model, a tiny random-weight Qwen2-VL is built on first use (offline)."
+        ),
+    )
+    p.add_argument("--model", help="checkpoint folder (default: the built-in tiny model)")
+    p.add_argument("--topology", default="E1 P1 D1", help='processes and roles, e.g. "E1 P1 D1", "EP1 D1", "EPD1"')
+    p.add_argument("--dataplane", default="auto", help="auto (default: shm on one host), shm, tcp, torchdist")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--control-port", type=int, default=0, help="gateway control port (default: any free)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, npu")
+    p.add_argument("--dtype", help="float32, bfloat16, float16")
+    p.add_argument("--kv-cache-memory", type=int, default=256, metavar="MiB", help="KV pool per process")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoding at once per process")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
+    p.add_argument("--pin", action="store_true", help="pin each process to its own cores (round robin)")
+    p.add_argument("--cpus", action="append", default=[], metavar="LIST",
+                   help="CPUs of the n-th process, e.g. --cpus 0 --cpus 1 (repeat per process)")  # fmt: skip
+    p.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
+                   help="folder clients may name local images from (repeatable; default: none)")  # fmt: skip
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for registration")
+    p.add_argument("--no-restart", action="store_true", help="do not restart a stage process that exits")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cli.stack import Stack, StackConfig, build_tiny_model
+    from common.log import configure_logging
+    from common.topology import parse_topology
+
+    configure_logging("up")
+    try:
+        topology = parse_topology(args.topology)
+    except ValueError as exc:
+        print(f"epd-serve up: error: {exc}", file=sys.stderr)
+        return 2
+    model = args.model or build_tiny_model()
+    n = topology.num_processes
+    cores = os.cpu_count() or 1
+    cpus = list(args.cpus)
+    if args.pin and not cpus:
+        per = max(1, cores // n)
+        cpus = [",".join(str((i * per + k) % cores) for k in range(per)) for i in range(n)]
+    config = StackConfig(
+        model_dir=model, topology=topology, dataplane=args.dataplane, host=args.host, port=args.port,
+        control_port=args.control_port, device=args.device, dtype=args.dtype,
+        kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, threads=args.threads or max(1, cores // n), cpus=cpus,
+        allowed_local_media_dirs=args.allowed_local_media_path, ready_timeout=args.ready_timeout,
+        restart=not args.no_restart,
+    )  # fmt: skip
+    return asyncio.run(Stack(config).serve_forever())

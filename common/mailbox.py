@@ -1,0 +1,70 @@
+"""A process's ZeroMQ inbox and outboxes, on an asyncio event loop.
+
+Every process of the stack (gateway and stage services) binds one ROUTER, its inbox, and advertises
+its endpoint. To talk to a peer it connects a DEALER to the peer's inbox (one per peer, cached). All
+messages are one-way; an answer is a message to the asker's inbox. This keeps every process's I/O in
+one place, makes no process wait on another's reply socket, and lets any process reach any other by
+address alone (which is what `--scale decode=2` needs: nothing is wired by hand).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common.protocol import Msg
+from common.wire import ProtocolError, decode_frames, encode_frames
+
+log = logging.getLogger("epd.mailbox")
+
+
+class Mailbox:
+    def __init__(self, ctx: zmq.asyncio.Context, name: str, bind: str = "tcp://127.0.0.1:*") -> None:
+        self.ctx = ctx
+        self.name = name
+        self.inbox = ctx.socket(zmq.ROUTER)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.setsockopt(zmq.RCVHWM, 0)
+        self.inbox.bind(bind)
+        self.address: str = self.inbox.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._outboxes: dict[str, zmq.asyncio.Socket] = {}
+        self.dropped = 0  # malformed messages received and dropped
+
+    async def recv(self) -> tuple[Msg, list[Any]]:
+        """The next well-formed message; malformed ones are logged and dropped."""
+        while True:
+            frames = await self.inbox.recv_multipart(copy=False)
+            try:
+                return decode_frames(frames[1:])  # frame 0 is the sender's routing id
+            except ProtocolError as exc:
+                self.dropped += 1
+                log.warning("dropped a malformed message on %s: %s", self.name, exc)
+
+    def send(self, address: str, msg: Msg, buffers: Sequence[Any] = ()) -> None:
+        """Queue `msg` for the process whose inbox is `address` (never blocks)."""
+        if not msg.sender:
+            msg.sender = self.name
+        sock = self._outboxes.get(address)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.connect(address)
+            self._outboxes[address] = sock
+        sock.send_multipart(encode_frames(msg, buffers), copy=False)
+
+    def forget(self, address: str) -> None:
+        """Close the outbox to a peer that is gone."""
+        sock = self._outboxes.pop(address, None)
+        if sock is not None:
+            sock.close(linger=0)
+
+    def close(self) -> None:
+        for sock in self._outboxes.values():
+            sock.close(linger=0)
+        self._outboxes.clear()
+        self.inbox.close(linger=0)

@@ -1,0 +1,214 @@
+"""Every control-plane message, as a typed msgspec Struct (msgpack on the wire).
+
+A message travels as ZeroMQ frames: frame 0 is one byte naming its type (`MSG_TYPES`), frame 1 the
+msgpack body, and any further frames are raw buffers (encoded images, small tensors) the body refers
+to by index. The receiver picks a typed decoder from frame 0 before it reads the body, so a malformed
+or unknown message is rejected whole, never half-applied. Fields added later get defaults; a peer with
+another `PROTOCOL_VERSION` is refused at registration. Pickle never crosses a socket.
+
+Who sends what (E encode, P prefill, D decode, G gateway):
+  E,P,D -> G  Register, Heartbeat, FirstToken (P), Tokens (D), RequestError
+  G -> E      Encode                      E -> P  FeatureOffer      P -> E  FeatureDest
+  G -> P      Prefill                     G -> D  KvReserve         D -> P  KvDest
+  P -> D      KvReady                     G -> any Abort            G -> E,P,D RegisterAck
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from common.sampling_params import SamplingParams
+
+PROTOCOL_VERSION = 1
+
+
+class Msg(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Base of every message; `sender` is the instance id (or "gateway") that sent it."""
+
+    sender: str = ""
+
+
+# ---- membership ---------------------------------------------------------------------------------
+
+
+class InstanceInfo(msgspec.Struct, kw_only=True):
+    instance_id: str
+    roles: str  # letters of E, P, D hosted by this process, e.g. "EP"
+    address: str  # the process's inbox (a ZeroMQ ROUTER endpoint)
+    model: str
+    protocol_version: int = PROTOCOL_VERSION
+    dataplane: dict = {}  # the data plane's descriptor (backend, endpoint, host identity)
+    pid: int = 0
+    host: str = ""
+    kv_block_size: int = 0
+    kv_num_blocks: int = 0  # blocks of the KV pool (D): with the layout, locates every block in it
+    kv_block_bytes: int = 0  # bytes of one block of one layer's keys (or values)
+    kv_num_layers: int = 0
+    max_model_len: int = 0
+
+
+class Register(Msg):
+    info: InstanceInfo
+
+
+class RegisterAck(Msg):
+    accepted: bool
+    reason: str = ""
+    heartbeat_interval: float = 0.5
+    retry: bool = False  # not accepted for now: register again (the gateway lost track of it)
+
+
+class Load(msgspec.Struct, kw_only=True, omit_defaults=True):
+    waiting: int = 0
+    running: int = 0
+    encode_queue: int = 0
+    free_kv_blocks: int = 0
+    total_kv_blocks: int = 0
+    transfer_bytes: int = 0  # data plane, sent + received, since start
+    transfer_seconds: float = 0.0
+
+
+class Heartbeat(Msg):
+    load: Load
+    address: str = ""  # the sender's inbox, so a gateway that lost track of it can answer
+
+
+# ---- encode ---------------------------------------------------------------------------------------
+
+
+class MMItem(msgspec.Struct, kw_only=True):
+    hash: str  # content hash of the item's bytes (common.hashing)
+    frame: int = -1  # index of the raw frame with the encoded image; -1: the encoder holds it already
+
+
+class Encode(Msg):
+    request_id: str
+    items: list[MMItem]
+    prefill_id: str  # where the features go
+    prefill_address: str
+    prefill_dataplane: dict = {}
+
+
+class FeatureOffer(Msg):
+    """E -> P: features of `hash` are ready; where should they go?"""
+
+    hash: str
+    nbytes: int
+    dtype: str
+    shape: list[int]
+    encoder_address: str
+
+
+class FeatureDest(Msg):
+    """P -> E: write them to `buffer_id` (or nothing: `buffer_id` empty, P already holds them)."""
+
+    hash: str
+    buffer_id: str = ""
+    transfer_id: str = ""
+
+
+# ---- prefill and decode ---------------------------------------------------------------------------
+
+
+class MMRef(msgspec.Struct, kw_only=True):
+    hash: str
+    grid_thw: tuple[int, int, int]
+    num_tokens: int
+
+
+class Prefill(Msg):
+    request_id: str
+    token_ids: list[int]  # the prompt, placeholders expanded
+    params: SamplingParams
+    mm: list[MMRef] = []
+    decode_id: str = ""  # equal to the prefill instance's own id when it decodes too
+    decode_address: str = ""
+    deadline_s: float = 30.0  # how long to wait for features and for the KV destination
+
+
+class KvReserve(Msg):
+    """G -> D: preallocate blocks for a prompt that `prefill_address` will compute."""
+
+    request_id: str
+    num_prompt_tokens: int
+    params: SamplingParams
+    prefill_id: str
+    prefill_address: str
+
+
+class KvDest(Msg):
+    """D -> P: the blocks reserved for the request, in prompt order, and where they live.
+
+    D's pool is one buffer `kv` of layout [layers, 2, pool_blocks, block_size, kv_heads, head_dim], so
+    the keys (k=0) or values (k=1) of layer l in block b start at ((l*2 + k)*pool_blocks + b)*block_bytes.
+    """
+
+    request_id: str
+    block_ids: list[int]
+    transfer_id: str
+    pool_blocks: int
+    block_bytes: int
+    dataplane: dict = {}
+
+
+class KvReady(Msg):
+    """P -> D: the KV is written; go on from the first token."""
+
+    request_id: str
+    token_ids: list[int]  # prompt + first token
+    num_prompt_tokens: int
+    rope_delta: int = 0
+
+
+# ---- results --------------------------------------------------------------------------------------
+
+
+class FirstToken(Msg):
+    request_id: str
+    token_id: int
+    num_prompt_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+class TokenUpdate(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True):
+    request_id: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+class Tokens(Msg):
+    """D -> G: every new token of one decode step for one gateway, in one message."""
+
+    updates: list[TokenUpdate]
+
+
+class RequestError(Msg):
+    request_id: str
+    message: str
+    status: int = 500
+
+
+class Abort(Msg):
+    request_id: str
+
+
+# frame 0 byte <-> type; append new types at the end, never renumber
+MSG_TYPES: dict[int, type[Msg]] = {
+    1: Register,
+    2: RegisterAck,
+    3: Heartbeat,
+    10: Encode,
+    11: FeatureOffer,
+    12: FeatureDest,
+    20: Prefill,
+    21: KvReserve,
+    22: KvDest,
+    23: KvReady,
+    30: FirstToken,
+    31: Tokens,
+    32: RequestError,
+    40: Abort,
+}
+TYPE_CODES: dict[type[Msg], int] = {cls: code for code, cls in MSG_TYPES.items()}

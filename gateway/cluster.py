@@ -1,0 +1,289 @@
+"""The gateway's backend: places requests on stage instances over ZeroMQ and streams their tokens back.
+
+For each request: pick the prefill instance (least loaded), the decode instance (the prefill instance
+itself when it decodes too, else the least loaded decode instance) and, for requests with images, the
+encode instance (the prefill instance when it encodes too, else by cache affinity, then load). Then,
+all at once: KV_RESERVE to decode, ENCODE (with the image bytes as raw frames) to encode, PREFILL to
+prefill. Tokens come back as FIRST_TOKEN (prefill) and TOKENS (decode) and are fed to the request's
+queue. An instance that stops heartbeating fails the requests it holds at once; an abort reaches every
+instance holding the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import zmq.asyncio
+
+from common.mailbox import Mailbox
+from common.protocol import (
+    Abort,
+    Encode,
+    FirstToken,
+    Heartbeat,
+    KvReserve,
+    MMItem,
+    MMRef,
+    Prefill,
+    Register,
+    RegisterAck,
+    RequestError,
+    Tokens,
+)  # fmt: skip
+from gateway.backend import BackendError, GenerateRequest, TokenEvent
+from gateway.registry import Instance, Registry
+
+log = logging.getLogger("epd.gateway.cluster")
+
+
+@dataclass(slots=True)
+class _Flight:
+    queue: asyncio.Queue
+    holders: dict[str, str] = field(default_factory=dict)  # instance id -> stage letter(s)
+    decode_id: str = ""
+
+
+class Cluster:
+    def __init__(
+        self,
+        model_name: str,
+        max_model_len: int,
+        control_address: str = "tcp://127.0.0.1:*",
+        heartbeat_interval: float = 0.5,
+        heartbeat_timeout: float = 3.0,
+        prefill_deadline_s: float = 30.0,
+    ) -> None:
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.registry = Registry(model_name, heartbeat_timeout)
+        self.heartbeat_interval = heartbeat_interval
+        self.prefill_deadline_s = prefill_deadline_s
+        self._control_address = control_address
+        self._flights: dict[str, _Flight] = {}
+        self._tasks: list[asyncio.Task] = []
+        self.ctx: zmq.asyncio.Context | None = None
+        self.mailbox: Mailbox | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.mailbox is not None
+        return self.mailbox.address
+
+    async def start(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.mailbox = Mailbox(self.ctx, "gateway", self._control_address)
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.mailbox is not None:
+            self.mailbox.close()
+        if self.ctx is not None:
+            self.ctx.term()
+
+    async def wait_for(self, counts: dict[str, int], timeout: float) -> bool:
+        """Wait until at least `counts[role]` instances of each role have registered."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            have = self.registry.counts()
+            if all(have.get(r, 0) >= n for r, n in counts.items()):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    # ---- the Backend interface -------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict]:
+        counts = self.registry.counts()
+        return all(counts[r] > 0 for r in "EPD"), {"instances": counts}
+
+    def metrics_text(self) -> bytes:
+        lines = [
+            "# HELP epd_stage_queue_depth Requests queued at a stage instance (last heartbeat).",
+            "# TYPE epd_stage_queue_depth gauge",
+        ]
+        for i in self.registry.instances.values():
+            for role in i.info.roles:
+                depth = i.load.encode_queue if role == "E" else i.load.waiting
+                lines.append(f'epd_stage_queue_depth{{stage="{role}",instance="{i.id}"}} {depth}')
+        lines += [
+            "# HELP epd_stage_running Requests running at an instance (last heartbeat).",
+            "# TYPE epd_stage_running gauge",
+            *(f'epd_stage_running{{instance="{i.id}"}} {i.load.running}' for i in self.registry.instances.values()),
+            "# HELP epd_transfer_bytes Data-plane bytes moved by an instance (sent + received).",
+            "# TYPE epd_transfer_bytes counter",
+            *(f'epd_transfer_bytes{{instance="{i.id}"}} {i.load.transfer_bytes}' for i in self.registry.instances.values()),
+            "# HELP epd_transfer_seconds Data-plane seconds spent by an instance.",
+            "# TYPE epd_transfer_seconds counter",
+            *(f'epd_transfer_seconds{{instance="{i.id}"}} {i.load.transfer_seconds}' for i in self.registry.instances.values()),
+        ]  # fmt: skip
+        return ("\n".join(lines) + "\n").encode()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        flight = self._place(request)
+        finished = False
+        try:
+            while True:
+                item = await flight.queue.get()
+                if isinstance(item, BackendError):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # client gone, stop string, stage failure: free it on every stage
+                self._send_abort(request.request_id, flight)
+            self._land(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        flight = self._flights.get(request_id)
+        if flight is not None:
+            self._send_abort(request_id, flight)
+            flight.queue.put_nowait(TokenEvent([], finished=True, finish_reason="abort"))
+
+    # ---- placing a request -----------------------------------------------------------------------
+
+    def _place(self, req: GenerateRequest) -> _Flight:
+        reg = self.registry
+        prefill = reg.least_loaded("P")
+        if prefill is None:
+            raise BackendError(503, "no live prefill instance")
+        decode = prefill if prefill.has("D") else reg.least_loaded("D")
+        if decode is None:
+            raise BackendError(503, "no live decode instance")
+        hashes = [img.hash for img in req.images]
+        encode = None
+        if req.images:
+            encode = prefill if prefill.has("E") else reg.encoder_for(hashes)
+            if encode is None:
+                raise BackendError(503, "no live encode instance")
+        rid = req.request_id
+        flight = _Flight(asyncio.Queue(), decode_id=decode.id)
+        self._flights[rid] = flight
+        assert self.mailbox is not None
+        if decode is not prefill:
+            self._hold(flight, decode, "D", rid)
+            self.mailbox.send(
+                decode.address,
+                KvReserve(
+                    request_id=rid, num_prompt_tokens=len(req.token_ids), params=req.params,
+                    prefill_id=prefill.id, prefill_address=prefill.address,
+                ),
+            )  # fmt: skip
+        if encode is not None:
+            self._hold(flight, encode, "E", rid)
+            items = [MMItem(hash=img.hash, frame=i) for i, img in enumerate(req.images)]
+            msg = Encode(
+                request_id=rid, items=items, prefill_id=prefill.id, prefill_address=prefill.address,
+                prefill_dataplane=prefill.info.dataplane,
+            )  # fmt: skip
+            self.mailbox.send(encode.address, msg, [img.data for img in req.images])
+            reg.remember_encoded(hashes, encode.id)
+        self._hold(flight, prefill, "P", rid)
+        mm = [MMRef(hash=i.hash, grid_thw=tuple(i.grid_thw), num_tokens=i.num_tokens) for i in req.images]
+        self.mailbox.send(
+            prefill.address,
+            Prefill(
+                request_id=rid, token_ids=req.token_ids, params=req.params, mm=mm,
+                decode_id=decode.id, decode_address=decode.address, deadline_s=self.prefill_deadline_s,
+            ),
+        )  # fmt: skip
+        return flight
+
+    def _hold(self, flight: _Flight, inst: Instance, stage: str, rid: str) -> None:
+        flight.holders[inst.id] = flight.holders.get(inst.id, "") + stage
+        inst.inflight.add(rid)
+
+    def _release(self, rid: str, flight: _Flight, keep: str) -> None:
+        """The request left every stage but `keep` (an instance id)."""
+        for iid in [i for i in flight.holders if i != keep]:
+            inst = self.registry.instances.get(iid)
+            if inst is not None:
+                inst.inflight.discard(rid)
+            del flight.holders[iid]
+
+    def _land(self, rid: str) -> None:
+        flight = self._flights.pop(rid, None)
+        if flight is not None:
+            self._release(rid, flight, keep="")
+
+    def _send_abort(self, rid: str, flight: _Flight) -> None:
+        assert self.mailbox is not None
+        for iid in flight.holders:
+            inst = self.registry.instances.get(iid)
+            if inst is not None:
+                self.mailbox.send(inst.address, Abort(request_id=rid))
+
+    # ---- messages --------------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        assert self.mailbox is not None
+        while True:
+            msg, _ = await self.mailbox.recv()
+            try:
+                self._handle(msg)
+            except Exception:  # one bad message never takes the gateway down
+                log.exception("handling %s failed", type(msg).__name__)
+
+    def _handle(self, msg) -> None:
+        assert self.mailbox is not None
+        if isinstance(msg, Heartbeat):
+            if not self.registry.heartbeat(msg.sender, msg.load) and msg.address:
+                # unknown (the gateway restarted, or dropped it after missed heartbeats): rejoin
+                again = RegisterAck(accepted=False, retry=True, reason="unknown instance, register again")
+                self.mailbox.send(msg.address, again)
+            return
+        if isinstance(msg, Register):
+            reason = self.registry.admit(msg.info)
+            ack = RegisterAck(
+                accepted=reason is None, reason=reason or "", heartbeat_interval=self.heartbeat_interval
+            )
+            self.mailbox.send(msg.info.address, ack)
+            log.info("instance %s (%s) %s", msg.info.instance_id, msg.info.roles, reason or "registered")
+            return
+        flight = self._flights.get(getattr(msg, "request_id", ""))
+        if isinstance(msg, FirstToken):
+            if flight is None:
+                return
+            self._release(msg.request_id, flight, keep=flight.decode_id)
+            if msg.finished and flight.holders:
+                self._send_abort(msg.request_id, flight)  # decode reserved blocks it will not need
+            flight.queue.put_nowait(TokenEvent([msg.token_id], msg.finished, msg.finish_reason))
+        elif isinstance(msg, Tokens):
+            for u in msg.updates:
+                f = self._flights.get(u.request_id)
+                if f is not None:
+                    f.queue.put_nowait(TokenEvent(list(u.token_ids), u.finished, u.finish_reason))
+        elif isinstance(msg, RequestError) and flight is not None:
+            self._send_abort(msg.request_id, flight)
+            flight.queue.put_nowait(BackendError(msg.status, msg.message))
+
+    async def _watch(self) -> None:
+        """Drop instances whose heartbeats stopped, and fail what they held."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval / 2)
+            for inst in self.registry.expired():
+                log.warning("instance %s (%s) stopped heartbeating; dropped", inst.id, inst.info.roles)
+                assert self.mailbox is not None
+                self.mailbox.forget(inst.address)
+                for rid in list(inst.inflight):
+                    flight = self._flights.get(rid)
+                    if flight is None:
+                        continue
+                    stage = flight.holders.pop(inst.id, "?")
+                    self._send_abort(rid, flight)
+                    message = f"the {_stage_name(stage)} instance {inst.id} serving this request died"
+                    flight.queue.put_nowait(BackendError(503, message))
+
+
+def _stage_name(stage: str) -> str:
+    names = {"E": "encode", "P": "prefill", "D": "decode"}
+    return "/".join(names.get(s, s) for s in stage) or "stage"
+

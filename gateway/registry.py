@@ -1,0 +1,102 @@
+"""The gateway's view of the stage instances: who is alive, what each hosts, how loaded it is.
+
+Instances register themselves (REGISTER) and then send heartbeats; one that misses heartbeats for
+`timeout_s` is dropped, and the requests it held are failed by the cluster. Nothing is configured by
+hand: scaling a stage up is starting another process that registers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from common.protocol import PROTOCOL_VERSION, InstanceInfo, Load
+
+
+@dataclass(slots=True)
+class Instance:
+    info: InstanceInfo
+    last_seen: float
+    load: Load = field(default_factory=Load)
+    inflight: set[str] = field(default_factory=set)  # request ids this instance holds
+
+    @property
+    def id(self) -> str:
+        return self.info.instance_id
+
+    @property
+    def address(self) -> str:
+        return self.info.address
+
+    def has(self, role: str) -> bool:
+        return role in self.info.roles
+
+
+class Registry:
+    def __init__(self, model_name: str, timeout_s: float = 3.0, affinity_size: int = 100_000) -> None:
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self.instances: dict[str, Instance] = {}
+        self._encoded_at: OrderedDict[str, str] = OrderedDict()  # content hash -> encode instance id
+        self._affinity_size = affinity_size
+
+    def admit(self, info: InstanceInfo) -> str | None:
+        """Add (or refresh) an instance; returns why it is refused, or None."""
+        if info.protocol_version != PROTOCOL_VERSION:
+            return f"protocol version {info.protocol_version}, the gateway speaks {PROTOCOL_VERSION}"
+        if info.model != self.model_name:
+            return f"serves model {info.model!r}, the gateway serves {self.model_name!r}"
+        old = self.instances.get(info.instance_id)
+        inst = Instance(info, time.monotonic())
+        if old is not None:
+            inst.inflight = old.inflight
+        self.instances[info.instance_id] = inst
+        return None
+
+    def heartbeat(self, instance_id: str, load: Load) -> bool:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            return False
+        inst.last_seen = time.monotonic()
+        inst.load = load
+        return True
+
+    def expired(self) -> list[Instance]:
+        """Remove and return the instances whose heartbeats stopped."""
+        now = time.monotonic()
+        dead = [i for i in self.instances.values() if now - i.last_seen > self.timeout_s]
+        for inst in dead:
+            del self.instances[inst.id]
+        return dead
+
+    def remove(self, instance_id: str) -> Instance | None:
+        return self.instances.pop(instance_id, None)
+
+    def with_role(self, role: str) -> list[Instance]:
+        return [i for i in self.instances.values() if i.has(role)]
+
+    def least_loaded(self, role: str) -> Instance | None:
+        """By requests the gateway has placed there, then by the queue the instance reported."""
+        candidates = self.with_role(role)
+        if not candidates:
+            return None
+        return min(candidates, key=lambda i: (len(i.inflight), i.load.waiting + i.load.encode_queue, i.id))
+
+    def encoder_for(self, hashes: list[str]) -> Instance | None:
+        """Cache affinity first (an instance that encoded one of these items), then load."""
+        for h in hashes:
+            owner = self.instances.get(self._encoded_at.get(h, ""))
+            if owner is not None and owner.has("E"):
+                return owner
+        return self.least_loaded("E")
+
+    def remember_encoded(self, hashes: list[str], instance_id: str) -> None:
+        for h in hashes:
+            self._encoded_at[h] = instance_id
+            self._encoded_at.move_to_end(h)
+        while len(self._encoded_at) > self._affinity_size:
+            self._encoded_at.popitem(last=False)
+
+    def counts(self) -> dict[str, int]:
+        return {role: len(self.with_role(role)) for role in "EPD"}

@@ -1,0 +1,130 @@
+"""The Decode role: reserve blocks, receive KV into them, decode in one continuous batch.
+
+Life of a request here (queues, in order):
+  backlog    KV_RESERVE arrived but the pool has no room yet (retried every loop, with a deadline)
+  receiving  blocks reserved, KV_DEST sent to the prefill instance; the data plane writes the prompt's
+             KV straight into those blocks (layer by layer, while prefill still computes)
+  engine     KV_READY came and every byte is in: the request joins the running batch
+Every decode step sends the new tokens of all requests in one TOKENS message. Abort, a failed
+transfer or a deadline frees the blocks wherever the request is.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from common.dataplane.base import Region, TransferState
+from common.protocol import KvDest, KvReady, KvReserve, RequestError, Tokens, TokenUpdate
+
+
+@dataclass(slots=True)
+class _Receiving:
+    msg: KvReserve
+    handle: Any
+    deadline: float
+    ready: KvReady | None = None
+
+
+class DecodeWorker:
+    def __init__(self, engine: Any, io: Any, dataplane: Any, *, timeout_s: float = 30.0) -> None:
+        self.engine = engine
+        self.io = io
+        self.dataplane = dataplane
+        self.timeout_s = timeout_s
+        kv = engine.kv
+        self.pool_blocks = kv.num_blocks
+        self.block_bytes = kv.block_size * engine.layout.num_kv_heads * engine.layout.head_dim * (
+            kv.pool.element_size()
+        )
+        self.backlog: dict[str, tuple[KvReserve, float]] = {}
+        self.receiving: dict[str, _Receiving] = {}
+
+    # ---- messages ----------------------------------------------------------------------------------
+
+    def on_kv_reserve(self, msg: KvReserve) -> None:
+        self.backlog[msg.request_id] = (msg, time.monotonic() + self.timeout_s)
+        self._reserve_backlog()
+
+    def on_kv_ready(self, msg: KvReady) -> None:
+        r = self.receiving.get(msg.request_id)
+        if r is not None:
+            r.ready = msg
+            self._admit(msg.request_id, r)
+
+    def on_abort(self, request_id: str) -> None:
+        self.backlog.pop(request_id, None)
+        r = self.receiving.pop(request_id, None)
+        if r is not None:
+            r.handle.abort()
+        self.engine.abort(request_id)
+
+    # ---- progress ----------------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        self._reserve_backlog()
+        now = time.monotonic()
+        for rid, r in list(self.receiving.items()):
+            state = r.handle.poll()
+            if state is TransferState.FAILED:
+                self._fail(rid, f"KV transfer from prefill failed: {r.handle.failure()}")
+            elif now > r.deadline:
+                self._fail(rid, "KV from prefill did not arrive in time")
+            else:
+                self._admit(rid, r)
+        for rid, (_, deadline) in list(self.backlog.items()):
+            if now > deadline:
+                self._fail(rid, "no KV blocks became free in time", 503)
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def step(self) -> None:
+        updates = [
+            TokenUpdate(
+                request_id=o.request_id, token_ids=o.new_token_ids,
+                finished=o.finished, finish_reason=o.finish_reason,
+            )
+            for o in self.engine.step()
+        ]  # fmt: skip
+        if updates:
+            self.io.to_gateway(Tokens(updates=updates))
+
+    # ---- helpers -----------------------------------------------------------------------------------
+
+    def _reserve_backlog(self) -> None:
+        for rid, (msg, deadline) in list(self.backlog.items()):
+            try:
+                blocks = self.engine.reserve(rid, msg.num_prompt_tokens, msg.params)
+            except ValueError as exc:
+                del self.backlog[rid]
+                self._fail(rid, str(exc), 400)
+                continue
+            if blocks is None:
+                return  # first come, first served: later ones wait behind
+            del self.backlog[rid]
+            transfer_id = uuid.uuid4().hex
+            regions = [
+                Region("kv", ((layer * 2 + kind) * self.pool_blocks + b) * self.block_bytes, self.block_bytes)
+                for layer in range(self.engine.layout.num_layers)
+                for kind in (0, 1)
+                for b in blocks
+            ]
+            handle = self.dataplane.expect(transfer_id, regions)
+            self.receiving[rid] = _Receiving(msg, handle, deadline)
+            dest = KvDest(
+                request_id=rid, block_ids=blocks, transfer_id=transfer_id, pool_blocks=self.pool_blocks,
+                block_bytes=self.block_bytes, dataplane=self.dataplane.descriptor(),
+            )  # fmt: skip
+            self.io.send(msg.prefill_address, dest)
+
+    def _admit(self, rid: str, r: _Receiving) -> None:
+        if r.ready is not None and r.handle.poll() is TransferState.SUCCESS:
+            del self.receiving[rid]
+            self.engine.admit_reserved(rid, r.ready.token_ids, r.ready.rope_delta)
+
+    def _fail(self, rid: str, message: str, status: int = 502) -> None:
+        self.on_abort(rid)
+        self.io.to_gateway(RequestError(request_id=rid, message=message, status=status))

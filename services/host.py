@@ -1,0 +1,252 @@
+"""One stage process hosting one or more roles (E, P, D) of one model.
+
+Co-location is a matter of which workers share this process: an encoder next to a prefill role hands
+features over in-process (no copy); prefill next to decode is one engine that simply keeps decoding
+(the KV never moves). The compute loop below drains the inbox, polls transfers and deadlines, then
+runs one encoder batch and one engine step, and goes round again; sockets live on the I/O thread.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+from common.log import get_logger
+from common.protocol import (
+    Abort,
+    Encode,
+    FeatureDest,
+    FeatureOffer,
+    InstanceInfo,
+    KvDest,
+    KvReady,
+    KvReserve,
+    Load,
+    Prefill,
+    Register,
+    RegisterAck,
+    RequestError,
+)  # fmt: skip
+from services.service_io import ServiceIO
+
+log = get_logger("epd.host")
+
+
+@dataclass(slots=True)
+class HostConfig:
+    roles: str  # e.g. "E", "PD", "EPD"
+    model_dir: str
+    gateway_address: str
+    dataplane: str = "auto"
+    device: str = "cpu"
+    dtype: str | None = None
+    bind_host: str = "127.0.0.1"
+    instance_id: str = ""
+    kv_cache_memory: int = 256 * 2**20
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    encode_cache_bytes: int = 512 * 2**20
+    max_encode_batch: int = 16
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        roles = self.roles.upper()
+        if not roles or set(roles) - set("EPD") or len(set(roles)) != len(roles):
+            raise ValueError(f"roles must be some of E, P, D, each once; got {self.roles!r}")
+        if "D" in roles and "P" not in roles and "E" in roles:
+            raise ValueError("E and D without P in one process is not a useful co-location")
+        self.roles = "".join(r for r in "EPD" if r in roles)
+        self.instance_id = self.instance_id or f"{self.roles.lower()}-{uuid.uuid4().hex[:8]}"
+
+
+class Host:
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.stopping = False
+        self.io = ServiceIO(config.instance_id, config.gateway_address, f"tcp://{config.bind_host}:*")
+        self.encode = self.prefill = self.decode = None
+        self.engine = None
+        self.handlers: dict = {}
+
+    # ---- start-up ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        import torch
+
+        from common.dataplane import create_dataplane, resolve_backend
+        from services.engine.config import EngineConfig
+        from services.engine.engine import Engine
+        from services.models.loader import load_model
+
+        c = self.config
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        self.io.start()
+        model = load_model(c.model_dir, device=c.device, dtype=c.dtype)
+        self.model = model
+        fam = model.family
+        backend = resolve_backend(c.dataplane, same_host=True)
+        self.dataplane = create_dataplane(backend, host=c.bind_host)
+        roles = c.roles
+        if "P" in roles or "D" in roles:
+            ecfg = EngineConfig(
+                kv_cache_memory=c.kv_cache_memory, max_num_seqs=c.max_num_seqs,
+                max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=c.max_model_len,
+            )  # fmt: skip
+            kv_buffer = None
+            if "D" in roles and "P" not in roles:  # the pool lives in data-plane memory: prefill writes it
+                from services.engine.kv_cache import KVLayout
+
+                layout = KVLayout(fam.num_layers, fam.num_kv_heads, fam.head_dim, fam.dtype)
+                block_bytes = layout.token_bytes() * ecfg.block_size
+                nbytes = (c.kv_cache_memory // block_bytes) * block_bytes
+                kv_buffer = torch.frombuffer(self.dataplane.allocate("kv", nbytes), dtype=torch.uint8)
+            prefill_only = "P" in roles and "D" not in roles
+            self.engine = Engine(fam, model.eos_token_ids, ecfg, prefill_only=prefill_only, kv_buffer=kv_buffer)
+        if "P" in roles:
+            from services.prefill.worker import PrefillWorker
+
+            self.prefill = PrefillWorker(fam, self.engine, self.io, self.dataplane, decodes="D" in roles)
+        elif "D" in roles:
+            from services.decode.worker import DecodeWorker
+
+            self.decode = DecodeWorker(self.engine, self.io, self.dataplane)
+        if "E" in roles:
+            from services.encode.worker import EncodeWorker
+
+            self.encode = EncodeWorker(
+                fam, self.io, self.dataplane, cache_bytes=c.encode_cache_bytes,
+                max_batch_items=c.max_encode_batch, local_prefill=self.prefill, local_id=c.instance_id,
+            )  # fmt: skip
+        self.io.load = self.load
+        self.handlers = self._handlers()
+        self._register()
+
+    def info(self) -> InstanceInfo:
+        c, e = self.config, self.engine
+        info = InstanceInfo(
+            instance_id=c.instance_id, roles=c.roles, address=self.io.address, model=self.model.name,
+            dataplane=self.dataplane.descriptor(), pid=os.getpid(), host=socket.gethostname(),
+        )  # fmt: skip
+        if e is not None:
+            info.kv_block_size = e.kv.block_size
+            info.kv_num_blocks = e.kv.num_blocks
+            info.kv_num_layers = e.layout.num_layers
+            info.max_model_len = e.max_model_len
+        return info
+
+    def _register(self, timeout_s: float = 60.0) -> None:
+        """Register with the gateway, retrying until it answers (it may start after us)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.stopping:
+            self.io.to_gateway(Register(info=self.info()))
+            for msg, _ in self.io.get(timeout=1.0):
+                if isinstance(msg, RegisterAck):
+                    if msg.retry:
+                        break
+                    if not msg.accepted:
+                        raise SystemExit(f"the gateway refused this instance: {msg.reason}")
+                    self.io.heartbeat_interval = msg.heartbeat_interval
+                    log.info("registered", instance=self.config.instance_id, roles=self.config.roles,
+                             address=self.io.address)  # fmt: skip
+                    return
+                self._dispatch(msg, [])
+        raise SystemExit(f"no answer from the gateway at {self.config.gateway_address}")
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def load(self) -> Load:
+        e = self.engine
+        load = Load(encode_queue=self.encode.queue_depth if self.encode else 0)
+        if e is not None:
+            load.waiting = len(e.scheduler.waiting) + len(e.scheduler.swapped)
+            load.running = len(e.scheduler.running)
+            load.free_kv_blocks = e.block_manager.num_free_blocks
+            load.total_kv_blocks = e.block_manager.num_blocks
+        if self.prefill is not None:
+            load.waiting += len(self.prefill.waiting)
+        return load
+
+    def run(self) -> None:
+        workers = [w for w in (self.encode, self.prefill, self.decode) if w is not None]
+        stepper = self.prefill or self.decode
+        while not self.stopping:
+            busy = any(w.has_work() for w in workers)
+            for msg, frames in self.io.get(timeout=0 if busy else 0.005):
+                self._dispatch(msg, frames)
+            for w in workers:
+                w.poll()
+            if self.encode is not None and self.encode.has_work():
+                self.encode.run_batch()
+            if stepper is not None and stepper.has_work():
+                stepper.step()
+
+    def _handlers(self) -> dict:
+        """Message type -> handler, for the roles this process hosts."""
+        h: dict = {Abort: lambda m, f: self._abort(m.request_id), RegisterAck: lambda m, f: self._on_ack(m)}
+        if self.encode is not None:
+            h[Encode] = self.encode.on_encode
+            h[FeatureDest] = lambda m, f: self.encode.on_feature_dest(m)
+        if self.prefill is not None:
+            h[FeatureOffer] = lambda m, f: self.prefill.features.on_offer(m)
+            h[Prefill] = lambda m, f: self.prefill.on_prefill(m)
+            h[KvDest] = lambda m, f: self.prefill.on_kv_dest(m)
+        if self.decode is not None:
+            h[KvReserve] = lambda m, f: self.decode.on_kv_reserve(m)
+            h[KvReady] = lambda m, f: self.decode.on_kv_ready(m)
+        return h
+
+    def _dispatch(self, msg, frames) -> None:
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            log.warning("message for a role this process does not host", type=type(msg).__name__)
+            return
+        try:
+            handler(msg, frames)
+        except Exception as exc:  # a bad message fails its request, never the process
+            log.exception("handling a message failed", type=type(msg).__name__)
+            request_id = getattr(msg, "request_id", None)
+            if request_id:
+                self._abort(request_id)
+                self.io.to_gateway(RequestError(request_id=request_id, message=f"internal error: {exc}"))
+
+    def _on_ack(self, msg: RegisterAck) -> None:
+        if msg.retry:  # the gateway forgot us (restart, missed heartbeats): join again
+            log.warning("gateway asked to register again", reason=msg.reason)
+            self.io.heartbeat_interval = 0
+            self.io.to_gateway(Register(info=self.info()))
+        else:
+            self.io.heartbeat_interval = msg.heartbeat_interval
+
+    def _abort(self, request_id: str) -> None:
+        for w in (self.encode, self.prefill, self.decode):
+            if w is not None:
+                w.on_abort(request_id)
+
+    def stop(self, *_) -> None:
+        self.stopping = True
+
+    def close(self) -> None:
+        self.io.stop()
+        if getattr(self, "dataplane", None) is not None:
+            self.dataplane.close()
+
+
+def serve(config: HostConfig) -> int:
+    from common.log import configure_logging
+
+    configure_logging(config.instance_id)
+    host = Host(config)
+    signal.signal(signal.SIGTERM, host.stop)
+    signal.signal(signal.SIGINT, host.stop)
+    try:
+        host.start()
+        host.run()
+    finally:
+        host.close()
+    return 0

@@ -1,0 +1,91 @@
+"""Encoder features arriving at a prefill instance, and the cache that keeps them.
+
+An encoder offers the features of a content hash (FEATURE_OFFER); if the hash is cached here the answer
+is "keep them" and nothing moves. Otherwise a buffer of the offered size is allocated in the data plane,
+a transfer is expected into it, and its id goes back (FEATURE_DEST). When the transfer succeeds the
+features are copied out into the LRU cache (so the data-plane buffer is freed at once) and requests
+waiting on that hash can go. Offers usually arrive before the request itself does (prefetch).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.dataplane.base import Region, TransferState
+from common.protocol import FeatureDest, FeatureOffer
+from services.byte_lru import ByteLRU
+from services.tensor_bytes import tensor_from_bytes
+
+log = logging.getLogger("epd.prefill")
+
+
+@dataclass(slots=True)
+class _Incoming:
+    offer: FeatureOffer
+    buffer_id: str
+    memory: memoryview
+    handle: Any
+    deadline: float
+
+
+class FeatureStore:
+    def __init__(self, io: Any, dataplane: Any, cache_bytes: int, transfer_timeout_s: float = 30.0) -> None:
+        self.io = io
+        self.dataplane = dataplane
+        self.cache: ByteLRU[torch.Tensor] = ByteLRU(cache_bytes)
+        self.transfer_timeout_s = transfer_timeout_s
+        self._incoming: dict[str, _Incoming] = {}  # transfer id -> incoming features
+        self._incoming_hashes: set[str] = set()
+        self.bytes_received = 0
+
+    def has(self, hash_: str) -> bool:
+        return hash_ in self.cache
+
+    def get(self, hash_: str) -> torch.Tensor | None:
+        return self.cache.get(hash_)
+
+    def add(self, hash_: str, features: torch.Tensor) -> None:
+        """Features handed over in-process by a co-located encoder."""
+        self.cache.put(hash_, features, features.numel() * features.element_size())
+
+    def on_offer(self, offer: FeatureOffer) -> None:
+        if offer.hash in self.cache or offer.hash in self._incoming_hashes:
+            self.io.send(offer.encoder_address, FeatureDest(hash=offer.hash))
+            return
+        buffer_id = f"feat-{uuid.uuid4().hex[:16]}"
+        transfer_id = uuid.uuid4().hex
+        memory = self.dataplane.allocate(buffer_id, offer.nbytes)
+        handle = self.dataplane.expect(transfer_id, [Region(buffer_id, 0, offer.nbytes)])
+        deadline = time.monotonic() + self.transfer_timeout_s
+        self._incoming[transfer_id] = _Incoming(offer, buffer_id, memory, handle, deadline)
+        self._incoming_hashes.add(offer.hash)
+        reply = FeatureDest(hash=offer.hash, buffer_id=buffer_id, transfer_id=transfer_id)
+        self.io.send(offer.encoder_address, reply)
+
+    def poll(self) -> bool:
+        """Move finished transfers into the cache; True when any arrived."""
+        arrived = False
+        now = time.monotonic()
+        for transfer_id, inc in list(self._incoming.items()):
+            state = inc.handle.poll()
+            if state is TransferState.SUCCESS:
+                features = tensor_from_bytes(inc.memory, inc.offer.dtype, inc.offer.shape, copy=True)
+                self.add(inc.offer.hash, features)
+                self.bytes_received += inc.offer.nbytes
+                arrived = True
+            elif state is TransferState.FAILED or now > inc.deadline:
+                log.warning("features %s did not arrive: %s", inc.offer.hash, inc.handle.failure())
+                inc.handle.abort()
+            else:
+                continue
+            del self._incoming[transfer_id]
+            self._incoming_hashes.discard(inc.offer.hash)
+            del inc.memory
+            self.dataplane.free(inc.buffer_id)
+        return arrived

@@ -1,0 +1,123 @@
+"""Ship a prompt's KV from a prefill instance into the blocks a decode instance reserved for it.
+
+Layer by layer: the engine calls `on_layer(layer, chunks)` as soon as a layer's keys and values for the
+step are in the pool, and the blocks of every prompt that completes in this step go out on the data
+plane's own thread while the next layer computes. If the decode instance's destination (KV_DEST) has
+not arrived yet, layers wait in a list and go when it does. When every layer has arrived on the other
+side and the first token is known, decode gets KV_READY and the blocks here are freed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.dataplane.base import Region, TransferState
+from common.protocol import KvDest, KvReady
+from services.engine.scheduler import ScheduledChunk
+from services.engine.sequence import Sequence
+from services.tensor_bytes import byte_view
+
+
+@dataclass(slots=True)
+class Handoff:
+    request_id: str
+    decode_address: str
+    deadline: float
+    dest: KvDest | None = None
+    seq: Sequence | None = None
+    pending_layers: list[int] = field(default_factory=list)
+    sent_layers: int = 0
+    handles: list[Any] = field(default_factory=list)
+    ready: KvReady | None = None  # set once the first token is sampled
+
+
+class KVSender:
+    def __init__(self, engine: Any, io: Any, dataplane: Any) -> None:
+        self.engine = engine
+        self.io = io
+        self.dataplane = dataplane
+        self.num_layers = engine.layout.num_layers
+        self.handoffs: dict[str, Handoff] = {}
+        self._early: dict[str, KvDest] = {}  # destinations that came before their request
+        engine.runner.layer_hook = self.on_layer
+
+    def start(self, request_id: str, decode_address: str, timeout_s: float) -> None:
+        h = Handoff(request_id, decode_address, time.monotonic() + timeout_s)
+        h.dest = self._early.pop(request_id, None)
+        self.handoffs[request_id] = h
+
+    def on_kv_dest(self, msg: KvDest) -> None:
+        h = self.handoffs.get(msg.request_id)
+        if h is None:
+            self._early[msg.request_id] = msg
+            return
+        h.dest = msg
+        for layer in h.pending_layers:
+            self._send_layer(h, layer)
+        h.pending_layers.clear()
+
+    def on_layer(self, layer: int, chunks: list[ScheduledChunk]) -> None:
+        for c in chunks:
+            h = self.handoffs.get(c.seq.request_id)
+            if h is None:
+                continue
+            h.seq = c.seq
+            if h.dest is None:
+                h.pending_layers.append(layer)
+            else:
+                self._send_layer(h, layer)
+
+    def prefilled(self, request_id: str, token_ids: list[int], num_prompt: int, rope_delta: int) -> None:
+        h = self.handoffs.get(request_id)
+        if h is not None:
+            h.ready = KvReady(
+                request_id=request_id, token_ids=token_ids, num_prompt_tokens=num_prompt, rope_delta=rope_delta
+            )
+
+    def drop(self, request_id: str) -> None:
+        """Abort: stop sending; the engine frees the blocks."""
+        h = self.handoffs.pop(request_id, None)
+        self._early.pop(request_id, None)
+        if h is not None:
+            for handle in h.handles:
+                handle.abort()
+
+    def poll(self) -> list[tuple[str, str]]:
+        """Finish complete hand-offs; returns (request id, error) of those that failed."""
+        failed = []
+        now = time.monotonic()
+        for rid, h in list(self.handoffs.items()):
+            states = [handle.poll() for handle in h.handles]
+            if TransferState.FAILED in states:
+                reason = next(x.failure() for x in h.handles if x.poll() is TransferState.FAILED)
+                failed.append((rid, f"KV transfer to decode failed: {reason}"))
+            elif now > h.deadline:
+                failed.append((rid, "KV transfer to decode timed out (no destination or no completion)"))
+            elif (
+                h.ready is not None
+                and h.sent_layers == self.num_layers
+                and all(s is TransferState.SUCCESS for s in states)
+            ):
+                self.io.send(h.decode_address, h.ready)
+                del self.handoffs[rid]
+                self.engine.release_prefilled(rid)
+        for rid, _ in failed:
+            self.drop(rid)
+            self.engine.abort(rid)
+        return failed
+
+    def _send_layer(self, h: Handoff, layer: int) -> None:
+        assert h.dest is not None and h.seq is not None
+        dest = h.dest
+        pool = self.engine.kv.pool  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+        n_blocks = self.engine.block_manager.blocks_for(h.seq.num_prompt_tokens)
+        items = []
+        for kind in (0, 1):
+            base = (layer * 2 + kind) * dest.pool_blocks
+            for src, dst in zip(h.seq.block_table[:n_blocks], dest.block_ids, strict=True):
+                region = Region("kv", (base + dst) * dest.block_bytes, dest.block_bytes)
+                items.append((byte_view(pool[layer, kind, src]), region))
+        h.handles.append(self.dataplane.write(dest.dataplane, dest.transfer_id, items))
+        h.sent_layers += 1

@@ -1,0 +1,104 @@
+"""The I/O thread of a stage process: its mailbox, registration and heartbeats, off the compute loop.
+
+The compute loop (a forward pass can take a second on a big model) never touches a socket: incoming
+messages land in a thread-safe queue it drains between steps, and `send()` hands outgoing messages to
+this thread's event loop. Heartbeats go out on this thread's own timer, so a long forward pass never
+makes the gateway think the process died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq.asyncio
+
+from common.mailbox import Mailbox
+from common.protocol import Heartbeat, Load, Msg
+
+
+class ServiceIO:
+    def __init__(self, name: str, gateway_address: str, bind: str = "tcp://127.0.0.1:*") -> None:
+        self.name = name
+        self.gateway_address = gateway_address
+        self._bind = bind
+        self.inbox: queue.SimpleQueue[tuple[Msg, list[Any]]] = queue.SimpleQueue()
+        self.address = ""
+        self.load: Callable[[], Load] = Load
+        self.heartbeat_interval = 0.0  # 0: not registered yet, no heartbeats
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._mailbox: Mailbox | None = None
+        self._ready = threading.Event()
+        self._stopped: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name=f"{name}-io", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the I/O thread did not start")
+
+    def send(self, address: str, msg: Msg, buffers: Sequence[Any] = ()) -> None:
+        """Thread-safe: queue a message for `address`. Buffers must stay alive and unchanged until
+        sent; pass bytes or memory nobody writes to in the meantime."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._send_now, address, msg, buffers)
+
+    def to_gateway(self, msg: Msg, buffers: Sequence[Any] = ()) -> None:
+        self.send(self.gateway_address, msg, buffers)
+
+    def get(self, timeout: float) -> list[tuple[Msg, list[Any]]]:
+        """Every message waiting, blocking up to `timeout` seconds for the first."""
+        out = []
+        try:
+            out.append(self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait())
+            while True:
+                out.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopped is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stopped.set)
+        self._thread.join(timeout=5)
+
+    # ---- the thread -------------------------------------------------------------------------------
+
+    def _send_now(self, address: str, msg: Msg, buffers: Sequence[Any]) -> None:
+        assert self._mailbox is not None
+        self._mailbox.send(address, msg, buffers)
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        ctx = zmq.asyncio.Context()
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._mailbox = Mailbox(ctx, self.name, self._bind)
+        self.address = self._mailbox.address
+        self._ready.set()
+        tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeat())]
+        await self._stopped.wait()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._mailbox.close()
+        ctx.term()
+
+    async def _receive(self) -> None:
+        assert self._mailbox is not None
+        while True:
+            self.inbox.put(await self._mailbox.recv())
+
+    async def _heartbeat(self) -> None:
+        while True:
+            interval = self.heartbeat_interval
+            if interval > 0:
+                self._send_now(self.gateway_address, Heartbeat(load=self.load(), address=self.address), ())
+            await asyncio.sleep(interval or 0.05)
