@@ -15,14 +15,18 @@ def add_parser(subparsers) -> None:
         ),
     )
     p.add_argument("--roles", required=True, help="roles this process hosts: E, P, D or a mix (EP, PD, EPD)")
-    p.add_argument("--gateway", required=True, metavar="ADDR", help="the gateway's control address, tcp://HOST:PORT")
+    p.add_argument(
+        "--gateway", required=True, metavar="ADDR", help="the gateway's control address, tcp://HOST:PORT"
+    )
     p.add_argument("--model", required=True, help="checkpoint folder")
     p.add_argument("--dataplane", default="auto", help="auto (default), shm, tcp, torchdist")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, npu")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, else bfloat16)")
     p.add_argument("--bind-host", default="127.0.0.1", help="address peers reach this process on")
     p.add_argument("--instance-id", default="", help="a name for this instance (default: generated)")
-    p.add_argument("--kv-cache-memory", type=int, default=256, metavar="MiB", help="KV pool size (default 256)")
+    p.add_argument(
+        "--kv-cache-memory", type=int, default=256, metavar="MiB", help="KV pool size (default 256)"
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoding at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")

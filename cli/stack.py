@@ -86,12 +86,9 @@ class Stack:
             cmd += ["--cpus", c.cpus[index]]
         return cmd
 
-    async def start(self) -> None:
-        from gateway.app import create_app, start_site
-
-        from common.tokenizer import TextTokenizer
+    async def start(self, http: bool = True) -> None:
+        """Start the cluster and the stage processes; with `http`, the OpenAI gateway too."""
         from gateway.cluster import Cluster
-        from gateway.config import GatewayConfig
 
         c = self.config
         max_len = c.max_model_len or model_max_len(c.model_dir)
@@ -113,14 +110,20 @@ class Stack:
                 raise RuntimeError(f"stage process {self.commands[dead[0]][5]} exited during start-up")
         if not ready.result():
             raise RuntimeError(f"not every instance registered within {c.ready_timeout:.0f} s")
+        self._supervisor = asyncio.create_task(self._supervise())
+        log.info("stages ready", topology=str(c.topology), seconds=round(time.monotonic() - t0, 1))
+        if not http:
+            return
+        from common.tokenizer import TextTokenizer
+        from gateway.app import create_app, start_site
+        from gateway.config import GatewayConfig
+
         tokenizer = TextTokenizer.from_dir(c.model_dir)
         gw_config = GatewayConfig(
             model_dir=Path(c.model_dir), host=c.host, port=c.port,
             allowed_local_media_dirs=[Path(d) for d in c.allowed_local_media_dirs],
         )  # fmt: skip
         self.runner = await start_site(create_app(gw_config, self.cluster, tokenizer), c.host, c.port)
-        self._supervisor = asyncio.create_task(self._supervise())
-        log.info("stack ready", topology=str(c.topology), seconds=round(time.monotonic() - t0, 1))
 
     def _spawn(self, index: int) -> subprocess.Popen:
         return subprocess.Popen(self.commands[index], preexec_fn=_die_with_parent)  # noqa: PLW1509

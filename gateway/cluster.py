@@ -116,6 +116,12 @@ class Cluster:
             "# HELP epd_stage_running Requests running at an instance (last heartbeat).",
             "# TYPE epd_stage_running gauge",
             *(f'epd_stage_running{{instance="{i.id}"}} {i.load.running}' for i in self.registry.instances.values()),
+            "# HELP epd_kv_free_blocks Free blocks of an instance's KV pool (last heartbeat).",
+            "# TYPE epd_kv_free_blocks gauge",
+            *(f'epd_kv_free_blocks{{instance="{i.id}"}} {i.load.free_kv_blocks}' for i in self.registry.instances.values()),
+            "# HELP epd_kv_total_blocks Blocks of an instance's KV pool.",
+            "# TYPE epd_kv_total_blocks gauge",
+            *(f'epd_kv_total_blocks{{instance="{i.id}"}} {i.load.total_kv_blocks}' for i in self.registry.instances.values()),
             "# HELP epd_transfer_bytes Data-plane bytes moved by an instance (sent + received).",
             "# TYPE epd_transfer_bytes counter",
             *(f'epd_transfer_bytes{{instance="{i.id}"}} {i.load.transfer_bytes}' for i in self.registry.instances.values()),
@@ -286,4 +292,3 @@ class Cluster:
 def _stage_name(stage: str) -> str:
     names = {"E": "encode", "P": "prefill", "D": "decode"}
     return "/".join(names.get(s, s) for s in stage) or "stage"
-

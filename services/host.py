@@ -107,7 +107,9 @@ class Host:
                 nbytes = (c.kv_cache_memory // block_bytes) * block_bytes
                 kv_buffer = torch.frombuffer(self.dataplane.allocate("kv", nbytes), dtype=torch.uint8)
             prefill_only = "P" in roles and "D" not in roles
-            self.engine = Engine(fam, model.eos_token_ids, ecfg, prefill_only=prefill_only, kv_buffer=kv_buffer)
+            self.engine = Engine(
+                fam, model.eos_token_ids, ecfg, prefill_only=prefill_only, kv_buffer=kv_buffer
+            )
         if "P" in roles:
             from services.prefill.worker import PrefillWorker
 
@@ -170,6 +172,9 @@ class Host:
             load.total_kv_blocks = e.block_manager.num_blocks
         if self.prefill is not None:
             load.waiting += len(self.prefill.waiting)
+        dp = self.dataplane
+        load.transfer_bytes = dp.bytes_sent + dp.bytes_received
+        load.transfer_seconds = dp.seconds_sent + dp.seconds_received
         return load
 
     def run(self) -> None:

@@ -36,8 +36,8 @@ class DecodeWorker:
         self.timeout_s = timeout_s
         kv = engine.kv
         self.pool_blocks = kv.num_blocks
-        self.block_bytes = kv.block_size * engine.layout.num_kv_heads * engine.layout.head_dim * (
-            kv.pool.element_size()
+        self.block_bytes = (
+            kv.block_size * engine.layout.num_kv_heads * engine.layout.head_dim * (kv.pool.element_size())
         )
         self.backlog: dict[str, tuple[KvReserve, float]] = {}
         self.receiving: dict[str, _Receiving] = {}

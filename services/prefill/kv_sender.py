@@ -73,7 +73,10 @@ class KVSender:
         h = self.handoffs.get(request_id)
         if h is not None:
             h.ready = KvReady(
-                request_id=request_id, token_ids=token_ids, num_prompt_tokens=num_prompt, rope_delta=rope_delta
+                request_id=request_id,
+                token_ids=token_ids,
+                num_prompt_tokens=num_prompt,
+                rope_delta=rope_delta,
             )
 
     def drop(self, request_id: str) -> None:

@@ -1,0 +1,95 @@
+"""Real stage processes on loopback behind the gateway's cluster backend (no HTTP): every data plane
+moves features and KV so that the tokens equal transformers' generate; aborts free the KV blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+
+from cli.stack import Stack, StackConfig
+from common.hashing import content_hash
+from common.sampling_params import SamplingParams
+from common.topology import parse_topology
+from gateway.backend import GenerateRequest, ImageInput
+from services.models.loader import load_model
+from services.models.prompting import expand_placeholders, render_chat, user_message
+from services.models.vision_geometry import VisionGeometry
+from tests.reference import hf_greedy, make_image
+
+
+def request_with_image(model_dir, tokenizer, rid, width, height, seed, max_tokens=12):
+    img = make_image(width, height, seed)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data = buf.getvalue()
+    geo = VisionGeometry.from_dir(model_dir)
+    n = geo.num_tokens(width, height)
+    ids = render_chat(tokenizer, user_message("What is in this picture?", 1))
+    ids = expand_placeholders(ids, tokenizer.convert_tokens_to_ids("<|image_pad|>"), [n])
+    image = ImageInput(content_hash(data), data, width, height, geo.grid(width, height), n)
+    return GenerateRequest(rid, ids, [image], SamplingParams(max_tokens=max_tokens)), img
+
+
+async def collect(cluster, request):
+    tokens = []
+    async for event in cluster.generate(request):
+        tokens += event.token_ids
+    return tokens
+
+
+@pytest.mark.parametrize("dataplane", ["shm", "tcp", "torchdist"])
+def test_every_dataplane_gives_transformers_tokens(dataplane, tiny_qwen2_vl):
+    loaded = load_model(tiny_qwen2_vl)
+    requests = [
+        request_with_image(tiny_qwen2_vl, loaded.tokenizer, f"r{i}", 84 + 28 * i, 112, i) for i in range(3)
+    ]
+    expected = []
+    for req, img in requests:
+        item = loaded.family.preprocess(img)
+        expected.append(hf_greedy(tiny_qwen2_vl, loaded.family, req.token_ids, [item], 12)[0])
+
+    async def run():
+        config = StackConfig(
+            str(tiny_qwen2_vl), parse_topology("E1 P1 D1"), dataplane=dataplane, kv_cache_memory=16
+        )
+        stack = Stack(config)
+        try:
+            await stack.start(http=False)
+            return await asyncio.gather(*(collect(stack.cluster, r) for r, _ in requests))
+        finally:
+            await stack.stop()
+
+    assert asyncio.run(run()) == expected
+
+
+def test_abort_mid_decode_frees_the_decode_blocks(tiny_qwen2_vl):
+    loaded = load_model(tiny_qwen2_vl)
+    req, _ = request_with_image(tiny_qwen2_vl, loaded.tokenizer, "long", 140, 112, 0, max_tokens=2000)
+    req.params.ignore_eos = True
+
+    async def run():
+        stack = Stack(StackConfig(str(tiny_qwen2_vl), parse_topology("E1 P1 D1"), kv_cache_memory=16))
+        try:
+            await stack.start(http=False)
+            decode = stack.cluster.registry.with_role("D")[0]
+            await asyncio.sleep(0.6)
+            idle_free = decode.load.free_kv_blocks
+            assert idle_free == decode.load.total_kv_blocks > 0
+            stream = stack.cluster.generate(req)
+            for _ in range(20):  # decoding for real
+                await stream.__anext__()
+            await asyncio.sleep(0.6)
+            assert decode.load.free_kv_blocks < idle_free, "the running request should hold blocks"
+            await stream.aclose()  # the client went away
+            await stack.cluster.abort(req.request_id)
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                if decode.load.free_kv_blocks == idle_free:
+                    return True
+            return decode.load.free_kv_blocks
+        finally:
+            await stack.stop()
+
+    assert asyncio.run(run()) is True
