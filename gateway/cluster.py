@@ -44,6 +44,7 @@ class _Flight:
     queue: asyncio.Queue
     holders: dict[str, str] = field(default_factory=dict)  # instance id -> stage letter(s)
     decode_id: str = ""
+    aborted: bool = False
 
 
 class Cluster:
@@ -144,13 +145,13 @@ class Cluster:
                 if finished:
                     return
         finally:
-            if not finished:  # client gone, stop string, stage failure: free it on every stage
+            if not finished and not flight.aborted:  # client gone, stop string, stage failure
                 self._send_abort(request.request_id, flight)
             self._land(request.request_id)
 
     async def abort(self, request_id: str) -> None:
         flight = self._flights.get(request_id)
-        if flight is not None:
+        if flight is not None and not flight.aborted:
             self._send_abort(request_id, flight)
             flight.queue.put_nowait(TokenEvent([], finished=True, finish_reason="abort"))
 
@@ -222,6 +223,7 @@ class Cluster:
 
     def _send_abort(self, rid: str, flight: _Flight) -> None:
         assert self.mailbox is not None
+        flight.aborted = True
         for iid in flight.holders:
             inst = self.registry.instances.get(iid)
             if inst is not None:

@@ -1,0 +1,97 @@
+"""The boundary between the HTTP layer and the stage services.
+
+The HTTP layer (validation, chat templates, images, streaming, metrics) only ever talks to a `Backend`;
+the cluster client that routes requests to encode, prefill and decode instances implements it. Keeping
+the boundary this small lets each side be tested alone: the HTTP tests run against a fake backend, the
+cluster against fake stages.
+
+Contract, as the HTTP layer uses it:
+
+- `generate(request)` is iterated with `async for`-style `__anext__` calls. It may be an async generator
+  (`async def generate(...): ... yield event`) or return an async iterator (or an awaitable of one).
+- It raises `BackendError` on the first `__anext__` when the request cannot be placed (503: no live
+  decode instance, ...), and may raise it on any later `__anext__` when a stage fails mid-request
+  (502/503, message for the client). The error's status goes to the client: as the HTTP status before
+  any byte was sent, inside an SSE error event after.
+- Every event carries the new token ids (possibly none). The last one has `finished=True` and a
+  `finish_reason`; the HTTP layer stops iterating there and calls `aclose()` on the iterator, so
+  cleanup belongs in `finally`.
+- `abort(request_id)` is called, once, for every request whose iteration did not end with a
+  `finished=True` event: a stop string reached by the gateway's detokenizer, a client that went away,
+  the request deadline, and also after `generate` raised (before or after the first event). It must be
+  idempotent and accept ids it no longer (or never) knew. It runs in its own task, so it is not
+  interrupted when the client's handler is cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from common.sampling_params import SamplingParams
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass(slots=True)
+class ImageInput:
+    """One validated image of a request, in prompt order."""
+
+    hash: str  # common.hashing.content_hash(data): the embedding-cache key
+    data: bytes  # the encoded image (PNG, JPEG, ...) exactly as received, for the encoder to decode
+    width: int  # pixels, after the EXIF orientation is applied
+    height: int
+    grid_thw: tuple[int, int, int]  # the patch grid the image processor will make (VisionGeometry.grid)
+    num_tokens: int  # placeholder tokens it takes in `token_ids`
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    request_id: str  # "chatcmpl-<hex>" or "cmpl-<hex>", unique per request
+    token_ids: list[int]  # the prompt, every image placeholder already expanded to its num_tokens copies
+    images: list[ImageInput]  # in prompt order
+    params: SamplingParams  # max_tokens already fits in max_model_len
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    token_ids: list[int]  # new tokens since the previous event (EOS included if sampled; it is counted)
+    finished: bool = False
+    finish_reason: str | None = None  # with finished: "stop" (EOS / stop token) | "length" | "abort"
+
+
+class BackendError(Exception):
+    """A request the stages could not serve; `status` is the HTTP status to report (502, 503, 504...)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"BackendError({self.status}, {self.message!r})"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the HTTP layer needs from the cluster of stage services."""
+
+    model_name: str  # the model the stages serve (shown in /health)
+    max_model_len: int  # context length: prompt plus generated tokens never exceed it
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Run one request; see the module docstring for when it raises and when it ends."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Free the request everywhere (client gone, stop string reached, deadline); idempotent."""
+        ...
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(False when some stage has no live instance, details such as live instances per stage)."""
+        ...
+
+    def metrics_text(self) -> bytes:
+        """Extra Prometheus text exposition appended to /metrics; b"" when there is none."""
+        ...

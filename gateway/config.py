@@ -1,0 +1,60 @@
+"""Settings of the gateway's HTTP layer, checked once at start-up.
+
+Every limit that protects the gateway from a client lives here with a safe default: requests come from
+the network, so anything unbounded (image bytes, pixels, image count, body size, wall time) is a way to
+exhaust the process. Local image files are refused unless the operator names the folders they may come
+from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    model_dir: Path  # the checkpoint: tokenizer files, chat template, preprocessor config
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str = ""  # the `model` clients must send; empty: the checkpoint folder's name
+    max_images_per_request: int = 8
+    max_image_bytes: int = 20 * MiB  # per image, encoded
+    max_image_pixels: int = 4096 * 4096  # per image, width x height before any resize
+    allowed_local_media_dirs: list[Path] = field(default_factory=list)  # empty: no local paths at all
+    max_request_bytes: int = 64 * MiB  # whole JSON body; larger bodies get 413
+    request_timeout_s: float | None = 600.0  # arrival to last token; None: no deadline
+    default_max_tokens: int | None = None  # when a request names none; None: the rest of the context
+    preprocess_threads: int = 4  # threads decoding images and tokenizing prompts off the event loop
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir).expanduser()
+        if not self.model_dir.is_dir():
+            raise ValueError(f"model_dir {self.model_dir} is not a folder")
+        if not self.served_model_name:
+            self.served_model_name = self.model_dir.resolve().name
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        for name in ("max_images_per_request", "max_image_bytes", "max_image_pixels", "preprocess_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_request_bytes < self.max_image_bytes * 4 // 3 + 1024:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) must hold one base64 image of "
+                f"max_image_bytes ({self.max_image_bytes})"
+            )
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be positive or None, got {self.request_timeout_s}")
+        if self.default_max_tokens is not None and self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be at least 1 or None, got {self.default_max_tokens}")
+        self.allowed_local_media_dirs = [_folder(d) for d in self.allowed_local_media_dirs]
+
+
+def _folder(path: str | os.PathLike[str]) -> Path:
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_dir():
+        raise ValueError(f"allowed local media folder {path} does not exist")
+    return resolved

@@ -1,0 +1,137 @@
+"""From a checked OpenAI request to a `GenerateRequest`: images, chat template, placeholders, lengths.
+
+This is the blocking part of a request (image decoding, template rendering, tokenizing a long prompt),
+so the app runs it in a worker thread and the event loop keeps streaming other requests' tokens. The
+prompt is rendered with one `<|image_pad|>` per image, then each is expanded to the image's token count
+(known from its size alone), and only then is the context length checked: images count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from common.sampling_params import SamplingParams
+from common.tokenizer import ChatTemplateError, TextTokenizer
+from gateway.backend import GenerateRequest
+from gateway.config import GatewayConfig
+from gateway.errors import bad_request
+from gateway.images import ImageLoader
+from gateway.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_prompt,
+    check_sampling_fields,
+    sampling_params,
+)
+from services.models.prompting import expand_placeholders
+from services.models.vision_geometry import PREPROCESSOR_CONFIG, VisionGeometry
+
+IMAGE_TOKEN = "<|image_pad|>"
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k")
+
+
+class Preprocessor:
+    """Builds `GenerateRequest`s for one checkpoint; thread-safe (it keeps no per-request state)."""
+
+    def __init__(self, config: GatewayConfig, tokenizer: TextTokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        model_config = _read_json(config.model_dir / "config.json")
+        self.image_token_id: int | None = model_config.get("image_token_id")
+        if self.image_token_id is None:
+            try:
+                self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
+            except KeyError:
+                self.image_token_id = None
+        self.images: ImageLoader | None = None
+        if (config.model_dir / PREPROCESSOR_CONFIG).is_file() and self.image_token_id is not None:
+            self.images = ImageLoader(
+                VisionGeometry.from_dir(config.model_dir),
+                max_bytes=config.max_image_bytes,
+                max_pixels=config.max_image_pixels,
+                allowed_dirs=config.allowed_local_media_dirs,
+            )
+        self.sampling_defaults = _sampling_defaults(_read_json(config.model_dir / "generation_config.json"))
+
+    def chat(self, request: ChatCompletionRequest, request_id: str, max_model_len: int) -> GenerateRequest:
+        prompt = chat_prompt(request, self.config.max_images_per_request)
+        check_sampling_fields(request, self.tokenizer.vocab_size, self.sampling_defaults)  # before images
+        if prompt.image_urls and self.images is None:
+            raise bad_request("this model does not take images", param="messages")
+        images = [self.images.load(url, param) for url, param in prompt.image_urls] if self.images else []
+        try:
+            token_ids = self.tokenizer.render_chat_ids(prompt.messages)
+        except ChatTemplateError as exc:
+            raise bad_request(str(exc), param="messages") from None
+        token_ids = self._expand(token_ids, [image.num_tokens for image in images], "messages")
+        params = self._sampling(request, len(token_ids), max_model_len)
+        return GenerateRequest(request_id=request_id, token_ids=token_ids, images=images, params=params)
+
+    def completion(self, request: CompletionRequest, request_id: str, max_model_len: int) -> GenerateRequest:
+        token_ids = self._completion_prompt(request.prompt)
+        if not token_ids:
+            raise bad_request("'prompt' must not be empty", param="prompt")
+        token_ids = self._expand(token_ids, [], "prompt")
+        params = self._sampling(request, len(token_ids), max_model_len)
+        return GenerateRequest(request_id=request_id, token_ids=token_ids, images=[], params=params)
+
+    def _completion_prompt(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, list) and all(type(t) is int for t in prompt):
+            vocab = self.tokenizer.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise bad_request(f"'prompt' token ids must be in [0, {vocab})", param="prompt")
+            return list(prompt)
+        raise bad_request(
+            "'prompt' must be a string, a list of one string or a list of token ids "
+            "(batched prompts are not supported)",
+            param="prompt",
+        )
+
+    def _expand(self, token_ids: list[int], counts: list[int], param: str) -> list[int]:
+        if self.image_token_id is None:
+            return token_ids
+        found = token_ids.count(self.image_token_id)
+        if found != len(counts):
+            raise bad_request(
+                f"the prompt has {found} image placeholder tokens but the request has {len(counts)} images "
+                "(image placeholder tokens may not appear in text)",
+                param=param,
+            )
+        return expand_placeholders(token_ids, self.image_token_id, counts)
+
+    def _sampling(self, request: Any, prompt_len: int, max_model_len: int) -> SamplingParams:
+        return sampling_params(
+            request,
+            prompt_len=prompt_len,
+            max_model_len=max_model_len,
+            default_max_tokens=self.config.default_max_tokens,
+            vocab_size=self.tokenizer.vocab_size,
+            defaults=self.sampling_defaults,
+        )
+
+
+def _sampling_defaults(generation: dict[str, Any]) -> dict[str, Any]:
+    """Defaults for fields a request leaves out, from the checkpoint's generation config (as vLLM).
+
+    A config that says `do_sample: false` (and names no temperature) asks for greedy decoding, as
+    transformers' `generate` would do with it, so the default temperature is then 0.
+    """
+    defaults = {k: generation[k] for k in SAMPLING_DEFAULT_KEYS if generation.get(k) is not None}
+    if generation.get("do_sample") is False and "temperature" not in defaults:
+        defaults["temperature"] = 0.0
+    return defaults
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return {}
+    return data if isinstance(data, dict) else {}

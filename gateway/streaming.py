@@ -1,0 +1,251 @@
+"""One request's generation, from backend token events to an OpenAI response, whole or streamed (SSE).
+
+`Generation` turns the backend's token events into text deltas (incremental detokenization, stop
+strings), keeps the timings for TTFT/TPOT, enforces the request deadline, and on `close()` releases the
+request: an abort to the backend unless the backend said it finished. `respond` writes the deltas as a
+JSON body or as SSE chunks.
+
+Errors and the HTTP status: a stream's headers are only sent once the first event arrived, so a request
+the backend cannot place (503, say) still gets its real status and an error body. After that the
+status is 200 for good; a later failure becomes an SSE error event (`data: {"error": ...}`) followed by
+`data: [DONE]`: never a stream that just stops, nor a 200 that looks complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from common.detokenizer import IncrementalDetokenizer
+from gateway.backend import Backend, BackendError, GenerateRequest, TokenEvent
+from gateway.errors import error_body
+from gateway.metrics import GatewayMetrics
+from gateway.responses import ResponseFormat, Usage
+
+log = structlog.get_logger("gateway")
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection first
+
+
+@dataclass(slots=True)
+class Delta:
+    text: str
+    finish_reason: str | None = None  # set on the last delta only
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the response was complete."""
+
+
+class Generation:
+    def __init__(
+        self,
+        backend: Backend,
+        request: GenerateRequest,
+        tokenizer: Any,
+        metrics: GatewayMetrics,
+        *,
+        arrival: float,
+        deadline: float | None,
+        background: set[asyncio.Task[None]],
+    ) -> None:
+        self.backend = backend
+        self.request = request
+        self.metrics = metrics
+        self.arrival = arrival
+        self.deadline = deadline  # time.monotonic() value, or None
+        self._background = background  # keeps release tasks referenced until they end
+        self._detok = IncrementalDetokenizer(tokenizer, request.params.stop)
+        self._events: AsyncIterator[TokenEvent] | None = None
+        self._backend_finished = False  # saw finished=True: nothing left to abort
+        self.finish_reason: str | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self._closed = False
+        metrics.running.inc()
+
+    @property
+    def usage(self) -> Usage:
+        """Tokens up to the one that completed a stop string, EOS included when the backend sent it."""
+        return Usage(prompt_tokens=len(self.request.token_ids), completion_tokens=len(self._detok.token_ids))
+
+    async def next_delta(self) -> Delta:
+        """Text of the next backend event; the last delta carries the finish reason. Raises BackendError."""
+        if self.finish_reason is not None:
+            raise RuntimeError("the generation has already finished")
+        event = await self._next_event()
+        if event.token_ids:
+            self.last_token_at = time.monotonic()
+            self.first_token_at = self.first_token_at or self.last_token_at
+        stopped = self._detok.push(event.token_ids)
+        self._backend_finished = event.finished
+        if stopped or event.finished:
+            self.finish_reason = "stop" if stopped else (event.finish_reason or "stop")
+            return Delta(self._detok.new_text(final=True), self.finish_reason)
+        return Delta(self._detok.new_text())
+
+    async def _next_event(self) -> TokenEvent:
+        if self._events is None:
+            events: Any = self.backend.generate(self.request)
+            self._events = await events if inspect.isawaitable(events) else events
+        try:
+            if self.deadline is None:
+                return await anext(self._events)
+            if sys.version_info >= (3, 11):  # a timeout scope: no extra task per event
+                async with asyncio.timeout_at(_loop_time(self.deadline)):
+                    return await anext(self._events)
+            return await asyncio.wait_for(anext(self._events), self.deadline - time.monotonic())
+        except StopAsyncIteration:
+            raise BackendError(502, "the backend ended the request without a finish reason") from None
+        except asyncio.TimeoutError:
+            raise BackendError(504, f"the request did not finish within {self._timeout_s():g} s") from None
+
+    def _timeout_s(self) -> float:
+        return 0.0 if self.deadline is None else self.deadline - self.arrival
+
+    async def close(self) -> None:
+        """Record the metrics and release the request (abort unless finished); safe to call twice.
+
+        The release runs in its own task, shielded: a handler cancelled because its client went away
+        still gets its request aborted everywhere.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.metrics.running.dec()
+        tokens = self.usage.completion_tokens
+        first, last = self.first_token_at, self.last_token_at
+        tpot = None
+        if first is not None and last is not None and tokens > 1:
+            tpot = (last - first) / (tokens - 1)
+        self.metrics.record_generation(
+            prompt_tokens=len(self.request.token_ids),
+            output_tokens=tokens,
+            ttft=None if first is None else first - self.arrival,
+            tpot=tpot,
+            e2e=time.monotonic() - self.arrival,
+        )
+        task = asyncio.ensure_future(self._release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        await asyncio.shield(task)
+
+    async def _release(self) -> None:
+        request_id = self.request.request_id
+        if not self._backend_finished:
+            try:
+                await self.backend.abort(request_id)
+            except Exception:
+                log.exception("backend abort failed", request_id=request_id)
+        aclose = getattr(self._events, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:
+                log.exception("closing the backend's event stream failed", request_id=request_id)
+
+
+def _loop_time(deadline: float) -> float:
+    """A time.monotonic() deadline on the event loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def respond(
+    request: web.Request,
+    generation: Generation,
+    fmt: ResponseFormat,
+    *,
+    stream: bool,
+    headers: dict[str, str],
+) -> tuple[web.StreamResponse, int]:
+    """Run `generation` to its end into a response; returns it with the outcome status for the metrics.
+
+    The caller must `close()` the generation afterwards (in a `finally`, so cancellation releases it).
+    """
+    try:
+        first = await generation.next_delta()
+    except BackendError as exc:
+        return _error_response(exc, headers)
+    if stream:
+        return await _stream(request, generation, fmt, first, headers)
+    return await _whole(request, generation, fmt, first, headers)
+
+
+async def _whole(
+    request: web.Request, generation: Generation, fmt: ResponseFormat, delta: Delta, headers: dict[str, str]
+) -> tuple[web.StreamResponse, int]:
+    pieces = [delta.text]
+    try:
+        while delta.finish_reason is None:
+            if _client_gone(request):
+                raise ClientGone
+            delta = await generation.next_delta()
+            pieces.append(delta.text)
+    except BackendError as exc:
+        return _error_response(exc, headers)
+    except ClientGone:
+        return web.Response(status=CLIENT_GONE), CLIENT_GONE
+    body = fmt.full("".join(pieces), delta.finish_reason, generation.usage)
+    return web.json_response(body, headers=headers), 200
+
+
+async def _stream(
+    request: web.Request, generation: Generation, fmt: ResponseFormat, delta: Delta, headers: dict[str, str]
+) -> tuple[web.StreamResponse, int]:
+    response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+    status = 200
+    try:
+        await response.prepare(request)
+        if (chunk := fmt.first_chunk()) is not None:
+            await _send(response, chunk)
+        while True:
+            if delta.text or delta.finish_reason is not None:
+                await _send(response, fmt.delta_chunk(delta.text, delta.finish_reason))
+            if delta.finish_reason is not None:
+                if fmt.include_usage:
+                    await _send(response, fmt.usage_chunk(generation.usage))
+                break
+            if _client_gone(request):
+                raise ClientGone
+            try:
+                delta = await generation.next_delta()
+            except BackendError as exc:  # the 200 is sent: the failure must travel inside the stream
+                log.warning("request failed mid-stream", status=exc.status, error=exc.message)
+                status = exc.status
+                await _send(response, error_body(exc.status, exc.message))
+                break
+            except Exception:
+                log.exception("request failed mid-stream")
+                status = 500
+                await _send(response, error_body(500, "internal error in the gateway; see its log"))
+                break
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except (ClientGone, ConnectionError):
+        status = CLIENT_GONE
+    return response, status
+
+
+def _error_response(exc: BackendError, headers: dict[str, str]) -> tuple[web.StreamResponse, int]:
+    body = error_body(exc.status, exc.message)
+    return web.json_response(body, status=exc.status, headers=headers), exc.status
+
+
+async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(b"data: " + msgspec.json.encode(payload) + b"\n\n")

@@ -1,0 +1,63 @@
+"""The official openai client against `epd-serve up`, for every topology: answers equal transformers'
+greedy generate on the same checkpoint, streaming equals non-streaming, concurrent requests stay apart."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+from tests.e2e.conftest import image_message
+from tests.e2e.stack import running_stack
+
+TOPOLOGIES = ["E1 P1 D1", "EP1 D1", "E1 PD1", "EPD1", "E2 P1 D2"]
+MAX_TOKENS = 16
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_topology_serves_transformers_answers(topology, tiny_qwen2_vl, tmp_path, reference, images):
+    expected = [reference.answer(img, MAX_TOKENS) for img in images]
+    with running_stack(tiny_qwen2_vl, topology, tmp_path) as stack:
+        client = openai.OpenAI(base_url=stack.base_url, api_key="none", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+
+        # one request, not streamed
+        reply = client.chat.completions.create(
+            model=model, messages=image_message(images[0]), max_tokens=MAX_TOKENS, temperature=0
+        )
+        assert reply.choices[0].message.content == expected[0]
+        assert reply.usage.completion_tokens <= MAX_TOKENS and reply.usage.prompt_tokens > 64
+
+        # the same, streamed, with usage at the end
+        chunks = client.chat.completions.create(
+            model=model, messages=image_message(images[0]), max_tokens=MAX_TOKENS, temperature=0,
+            stream=True, stream_options={"include_usage": True},
+        )  # fmt: skip
+        parts, usage, finish = [], None, None
+        for chunk in chunks:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                parts.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        assert "".join(parts) == expected[0]
+        assert usage is not None and usage.completion_tokens == reply.usage.completion_tokens
+        assert finish == reply.choices[0].finish_reason
+
+        # eight concurrent requests with different images
+        async def ask_all():
+            aclient = openai.AsyncOpenAI(base_url=stack.base_url, api_key="none", max_retries=0, timeout=120)
+            replies = await asyncio.gather(
+                *(
+                    aclient.chat.completions.create(
+                        model=model, messages=image_message(img), max_tokens=MAX_TOKENS, temperature=0
+                    )
+                    for img in images
+                )
+            )
+            await aclient.close()
+            return [r.choices[0].message.content for r in replies]
+
+        assert asyncio.run(ask_all()) == expected
+    assert not stack.stage_pids(), "stage processes outlived `epd-serve up`"
