@@ -1,0 +1,129 @@
+"""Faults and bad input against a running `epd-serve up`: errors are fast and clear, nothing leaks,
+and the stack keeps serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.e2e.conftest import image_message
+from tests.e2e.stack import running_stack
+
+LONG = 3800  # tokens: a stream that runs for seconds on the tiny model
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_qwen2_vl, tmp_path_factory):
+    with running_stack(tiny_qwen2_vl, "E1 P1 D2", tmp_path_factory.mktemp("faults")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=stack.base_url, api_key="none", max_retries=0, timeout=60)
+
+
+def model_name(client):
+    return client.models.list().data[0].id
+
+
+def decode_blocks(stack) -> tuple[dict, dict]:
+    free = {k: v for k, v in stack.gauge("epd_kv_free_blocks").items() if k.startswith("d")}
+    total = {k: v for k, v in stack.gauge("epd_kv_total_blocks").items() if k.startswith("d")}
+    return free, total
+
+
+def wait_until(condition, timeout: float, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "message"),
+    [
+        ({"model": "no-such-model"}, 404, "does not exist"),
+        ({"max_tokens": 0}, 400, "max_tokens must be at least 1"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400, "base64"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}, 400, "not an image"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 400, "not allowed"),
+        ({"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "maximum context length"),
+        ({"messages": "hello"}, 400, "messages"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_4xx_that_names_the_problem(stack, client, images, kwargs, status, message):
+    args = {"model": model_name(client), "messages": image_message(images[0]), "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(**args)
+    assert err.value.status_code == status
+    assert message in str(err.value)
+    # and the stack still serves
+    ok = client.chat.completions.create(
+        model=model_name(client), messages=image_message(images[0]), max_tokens=4
+    )
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_client_disconnect_frees_decode_blocks(stack, client, images):
+    assert wait_until(lambda: decode_blocks(stack)[0] == decode_blocks(stack)[1], 10)
+    stream = client.chat.completions.create(
+        model=model_name(client), messages=image_message(images[1]), max_tokens=LONG, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    for i, _ in enumerate(stream):
+        if i == 50:
+            break
+    assert wait_until(
+        lambda: any(f < decode_blocks(stack)[1][k] for k, f in decode_blocks(stack)[0].items()), 5
+    )
+    stream.close()  # the client goes away mid-stream
+    assert wait_until(lambda: decode_blocks(stack)[0] == decode_blocks(stack)[1], 10), decode_blocks(stack)
+
+
+def test_killed_decode_fails_its_requests_fast_others_finish_and_it_rejoins(stack, client, images):
+    model = model_name(client)
+    results: dict[int, object] = {}
+    ended: dict[int, float] = {}
+    progress = {0: 0, 1: 0}
+
+    def stream(i):
+        try:
+            chunks = client.chat.completions.create(
+                model=model, messages=image_message(images[2 + i]), max_tokens=LONG, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            for chunk in chunks:
+                progress[i] += 1
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    results[i] = chunk.choices[0].finish_reason
+        except Exception as exc:  # the expected failure of the stream on the killed instance
+            results[i] = exc
+        ended[i] = time.monotonic()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: min(progress.values()) > 20, 30), "both streams should be running"
+    victim = next(p for p in stack.stage_pids() if "--roles\0D" in Path(f"/proc/{p}/cmdline").read_text())
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    for t in threads:
+        t.join(timeout=120)
+    errors = [i for i, r in results.items() if isinstance(r, Exception)]
+    finished = [i for i, r in results.items() if r == "length"]
+    assert len(errors) == 1 and len(finished) == 1, results
+    assert ended[errors[0]] - killed_at < 10, "the stream on the dead instance must end within 10 s"
+    assert "died" in str(results[errors[0]])
+    # the killed instance is started again and rejoins; new requests are served
+    assert wait_until(lambda: len(decode_blocks(stack)[1]) == 2, 60)
+    reply = client.chat.completions.create(model=model, messages=image_message(images[0]), max_tokens=4)
+    assert reply.choices[0].finish_reason in ("length", "stop")
