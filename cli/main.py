@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "bench-engine": "cli.bench_engine",
     "up": "cli.up",
     "serve": "cli.serve",
+    "ask": "cli.ask",
 }
 
 

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.dataplane.base import Region, TransferState
+from common.log import get_logger
 from common.protocol import KvDest, KvReady, KvReserve, RequestError, Tokens, TokenUpdate
+
+log = get_logger("epd.decode")
 
 
 @dataclass(slots=True)
@@ -91,6 +94,9 @@ class DecodeWorker:
         ]  # fmt: skip
         if updates:
             self.io.to_gateway(Tokens(updates=updates))
+            for u in updates:
+                if u.finished:
+                    log.info("decode finished", request_id=u.request_id, reason=u.finish_reason)
 
     # ---- helpers -----------------------------------------------------------------------------------
 
@@ -124,7 +130,9 @@ class DecodeWorker:
         if r.ready is not None and r.handle.poll() is TransferState.SUCCESS:
             del self.receiving[rid]
             self.engine.admit_reserved(rid, r.ready.token_ids, r.ready.rope_delta)
+            log.info("decode admitted", request_id=rid, prompt_tokens=r.ready.num_prompt_tokens)
 
     def _fail(self, rid: str, message: str, status: int = 502) -> None:
+        log.warning("request failed", request_id=rid, error=message)
         self.on_abort(rid)
         self.io.to_gateway(RequestError(request_id=rid, message=message, status=status))

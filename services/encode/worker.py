@@ -10,7 +10,6 @@ same process gets the tensor itself: no copy.
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +17,13 @@ from typing import Any
 import torch
 
 from common.dataplane.base import Region, TransferState
+from common.log import get_logger
 from common.media import MediaError, decode_image
 from common.protocol import Encode, FeatureDest, FeatureOffer, RequestError
 from services.byte_lru import ByteLRU
 from services.tensor_bytes import byte_view, dtype_name
 
-log = logging.getLogger("epd.encode")
+log = get_logger("epd.encode")
 
 
 @dataclass(slots=True)
@@ -96,7 +96,7 @@ class EncodeWorker:
         for handle, features in self._writes:
             state = handle.poll()
             if state is TransferState.FAILED:
-                log.warning("feature transfer %s failed: %s", handle.transfer_id, handle.failure())
+                log.warning("feature transfer failed", transfer=handle.transfer_id, error=handle.failure())
             elif state is not TransferState.SUCCESS:
                 still.append((handle, features))
         self._writes = still
@@ -131,6 +131,9 @@ class EncodeWorker:
                 self.cache.put(item.hash, features, features.numel() * features.element_size())
                 self.items_encoded += 1
                 self._deliver(item.hash, features, item.dest)
+                log.info(
+                    "encoded", request_id=item.request_id, image=item.hash[:12], tokens=features.shape[0]
+                )
         for item in repeats:
             features = self.cache.get(item.hash)
             if features is None:

@@ -14,9 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from common.log import get_logger
 from common.protocol import FirstToken, KvDest, Prefill, RequestError, Tokens, TokenUpdate
 from services.prefill.features import FeatureStore
 from services.prefill.kv_sender import KVSender
+
+log = get_logger("epd.prefill")
 
 
 @dataclass(slots=True)
@@ -144,11 +147,13 @@ class PrefillWorker:
             finally:
                 self._unpin(msg)
             self.admitted[rid] = _Admitted(msg.token_ids, inputs.rope_delta)
+            log.info("prefill admitted", request_id=rid, prompt_tokens=len(msg.token_ids), images=len(msg.mm))
 
     def _unpin(self, msg: Prefill) -> None:
         for ref in msg.mm:
             self.features.cache.unpin(ref.hash)
 
     def _fail(self, rid: str, message: str, status: int) -> None:
+        log.warning("request failed", request_id=rid, error=message)
         self.on_abort(rid)
         self.io.to_gateway(RequestError(request_id=rid, message=message, status=status))
