@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "bench-engine": "cli.bench_engine",
     "up": "cli.up",
     "serve": "cli.serve",
+    "bench": "cli.bench",
+    "bench-dataplane": "cli.bench_dataplane",
     "ask": "cli.ask",
 }
 

@@ -114,10 +114,12 @@ async def _consume(response: aiohttp.ClientResponse, record: RequestRecord) -> N
 
 
 async def send_request(
-    session: aiohttp.ClientSession, url: str, model: str | None, request: BenchRequest, timeout: float
+    session: aiohttp.ClientSession, url: str, body: bytes, request: BenchRequest, timeout: float
 ) -> RequestRecord:
-    """POST one streamed chat completion to `url` and time it; never raises (errors go in the record)."""
-    body = json.dumps(request.payload(model)).encode()
+    """POST one streamed chat completion to `url` and time it; never raises (errors go in the record).
+
+    `body` is `request.payload(model)` already encoded, so that encoding is not timed.
+    """
     record = RequestRecord(index=request.index, start=time.perf_counter(), images=len(request.images))
     try:
         async with session.post(
@@ -138,4 +140,3 @@ async def send_request(
     if record.success and record.output_tokens == 0:
         record.output_tokens = len(record.chunk_times)  # a server without usage: count text chunks
     return record
-

@@ -23,7 +23,7 @@ import numpy as np
 
 # A plain vocabulary: every word is one or two tokens for any byte-level BPE, so a prompt's length in
 # words tracks its length in tokens.
-WORDS = tuple(
+_WORD_TEXT = (
     "the of and to in is was for on that with as by at from this be are or an it not which have one had "
     "all were when there can more their if out so up said what about into than them only other new some "
     "could time these two may then first any like now over such our man me even most made after also did "
@@ -32,8 +32,9 @@ WORDS = tuple(
     "life being under never day same another know while last might us great old year off come since "
     "against go came right used take three house light water picture colour shape image window river "
     "table street garden mountain city field morning evening green blue red yellow small large round "
-    "square bright dark".split()
+    "square bright dark"
 )
+WORDS = tuple(_WORD_TEXT.split())
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,7 +89,7 @@ def summarize(records: Sequence[RequestRecord], duration: float, slo: Slo) -> di
         slo_met=good,
         slo_attainment=good / len(records) if records else None,
         goodput=good / seconds,
-        errors=dict(Counter(r.error for r in records if not r.success).most_common(10)),
+        error_counts=dict(Counter(r.error for r in records if not r.success).most_common(10)),
     )
     return out
 

@@ -70,13 +70,15 @@ def paged_attention(
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
     b = paged.num_decodes
     if b:
-        q = query[0, :, :b].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        # The query heads sharing a KV head attend to the same keys: lay them out as that KV head's
+        # query rows ([B, KVH, H / KVH, D]) so one plain SDPA call covers them, without GQA expansion
+        # (about 4x faster than enable_gqa with a mask on CPU).
+        kvh = key.shape[1]
+        q = query[0, :, :b].transpose(0, 1).reshape(b, kvh, -1, query.shape[3])
         k = _gather(k_blocks, paged.decode_blocks, b)  # [B, KVH, W * block_size, D]
         v = _gather(v_blocks, paged.decode_blocks, b)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=paged.decode_mask, scale=scaling, enable_gqa=True
-        )
-        out[:b] = o[:, :, 0]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=paged.decode_mask, scale=scaling)
+        out[:b] = o.reshape(b, query.shape[1], query.shape[3])
     for span in paged.prefills:
         q = query[:, :, span.q_start : span.q_end]
         if span.blocks is None:

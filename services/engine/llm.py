@@ -88,10 +88,13 @@ class LLM:
             if out.logits is not None:
                 completion.logits.append(out.logits)
             finished, reason = out.finished, out.finish_reason
-            if detok.push(out.new_token_ids) and not finished:
+            # text is needed as it grows only to catch stop strings; otherwise decode once at the end
+            if detok.stop and detok.push(out.new_token_ids) and not finished:
                 self.engine.finish(out.request_id, FinishReason.STOP)
                 finished, reason = True, FinishReason.STOP.value
             if finished:
+                if not detok.stop:
+                    detok.push(completion.token_ids)
                 completion.text = detok.text
                 completion.finish_reason = reason or FinishReason.STOP.value
                 del self._live[out.request_id]
