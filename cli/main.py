@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "bench-engine": "cli.bench_engine",
     "up": "cli.up",
     "serve": "cli.serve",
+    "gateway": "cli.gateway",
     "bench": "cli.bench",
     "bench-dataplane": "cli.bench_dataplane",
     "ask": "cli.ask",

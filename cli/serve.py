@@ -22,7 +22,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dataplane", default="auto", help="auto (default), shm, tcp, torchdist")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, npu")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, else bfloat16)")
-    p.add_argument("--bind-host", default="127.0.0.1", help="address peers reach this process on")
+    p.add_argument("--bind-host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    p.add_argument("--advertise-host", default="", help="name peers reach this process by (default: the "
+                   "bind address, or the hostname when binding 0.0.0.0)")  # fmt: skip
     p.add_argument("--instance-id", default="", help="a name for this instance (default: generated)")
     p.add_argument(
         "--kv-cache-memory", type=int, default=256, metavar="MiB", help="KV pool size (default 256)"
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, parse_cpus(args.cpus))
     config = HostConfig(
         roles=args.roles, model_dir=args.model, gateway_address=args.gateway, dataplane=args.dataplane,
-        device=args.device, dtype=args.dtype, bind_host=args.bind_host, instance_id=args.instance_id,
+        device=args.device, dtype=args.dtype, bind_host=args.bind_host, advertise_host=args.advertise_host, instance_id=args.instance_id,
         kv_cache_memory=args.kv_cache_memory * 2**20, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         threads=args.threads,

@@ -25,11 +25,12 @@ log = get_logger("epd.up")
 @dataclass(slots=True)
 class StackConfig:
     model_dir: str
-    topology: Topology
+    topology: Topology | None  # None: the gateway alone; stage processes join by themselves
     dataplane: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
     control_port: int = 0
+    control_host: str = ""  # default: host (127.0.0.1 when host is a wildcard)
     device: str = "cpu"
     dtype: str | None = None
     kv_cache_memory: int = 256  # MiB per process
@@ -92,11 +93,29 @@ class Stack:
 
         c = self.config
         max_len = c.max_model_len or model_max_len(c.model_dir)
-        ctrl_host = c.host if c.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        ctrl_host = c.control_host or (c.host if c.host not in ("0.0.0.0", "::") else "127.0.0.1")
         self.cluster = Cluster(
             Path(c.model_dir).resolve().name, max_len, f"tcp://{ctrl_host}:{c.control_port or '*'}"
         )
         await self.cluster.start()
+        if c.topology is not None:
+            await self._start_stages()
+        if not http:
+            return
+        from common.tokenizer import TextTokenizer
+        from gateway.app import create_app, start_site
+        from gateway.config import GatewayConfig
+
+        tokenizer = TextTokenizer.from_dir(c.model_dir)
+        gw_config = GatewayConfig(
+            model_dir=Path(c.model_dir), host=c.host, port=c.port,
+            allowed_local_media_dirs=[Path(d) for d in c.allowed_local_media_dirs],
+        )  # fmt: skip
+        self.runner = await start_site(create_app(gw_config, self.cluster, tokenizer), c.host, c.port)
+
+    async def _start_stages(self) -> None:
+        c = self.config
+        assert self.cluster is not None and c.topology is not None
         for i, roles in enumerate(c.topology.processes()):
             self.commands.append(self.serve_command(i, roles, self.cluster.address))
             self.children.append(self._spawn(i))
@@ -112,18 +131,6 @@ class Stack:
             raise RuntimeError(f"not every instance registered within {c.ready_timeout:.0f} s")
         self._supervisor = asyncio.create_task(self._supervise())
         log.info("stages ready", topology=str(c.topology), seconds=round(time.monotonic() - t0, 1))
-        if not http:
-            return
-        from common.tokenizer import TextTokenizer
-        from gateway.app import create_app, start_site
-        from gateway.config import GatewayConfig
-
-        tokenizer = TextTokenizer.from_dir(c.model_dir)
-        gw_config = GatewayConfig(
-            model_dir=Path(c.model_dir), host=c.host, port=c.port,
-            allowed_local_media_dirs=[Path(d) for d in c.allowed_local_media_dirs],
-        )  # fmt: skip
-        self.runner = await start_site(create_app(gw_config, self.cluster, tokenizer), c.host, c.port)
 
     def _spawn(self, index: int) -> subprocess.Popen:
         return subprocess.Popen(self.commands[index], preexec_fn=_die_with_parent)  # noqa: PLW1509
@@ -170,7 +177,7 @@ class Stack:
         c = self.config
         url = f"http://{c.host}:{c.port}/v1"
         print(
-            f"EPD-Serve is up: topology {c.topology}, model {Path(c.model_dir).name}\n"
+            f"EPD-Serve is up: topology {c.topology or 'none yet (instances join)'}, model {Path(c.model_dir).name}\n"
             f"  OpenAI API:   {url}   (model name: {Path(c.model_dir).resolve().name})\n"
             f"  health:       http://{c.host}:{c.port}/health   metrics: http://{c.host}:{c.port}/metrics\n"
             f"  stage control: {self.cluster.address}   (epd-serve serve --gateway ... adds instances)\n"

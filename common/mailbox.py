@@ -23,7 +23,9 @@ log = logging.getLogger("epd.mailbox")
 
 
 class Mailbox:
-    def __init__(self, ctx: zmq.asyncio.Context, name: str, bind: str = "tcp://127.0.0.1:*") -> None:
+    def __init__(
+        self, ctx: zmq.asyncio.Context, name: str, bind: str = "tcp://127.0.0.1:*", advertise_host: str = ""
+    ) -> None:
         self.ctx = ctx
         self.name = name
         self.inbox = ctx.socket(zmq.ROUTER)
@@ -31,6 +33,8 @@ class Mailbox:
         self.inbox.setsockopt(zmq.RCVHWM, 0)
         self.inbox.bind(bind)
         self.address: str = self.inbox.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if advertise_host:  # bound to 0.0.0.0 (a container): peers reach us by name
+            self.address = f"tcp://{advertise_host}:{self.address.rsplit(':', 1)[1]}"
         self._outboxes: dict[str, zmq.asyncio.Socket] = {}
         self.dropped = 0  # malformed messages received and dropped
 

@@ -45,6 +45,7 @@ class HostConfig:
     device: str = "cpu"
     dtype: str | None = None
     bind_host: str = "127.0.0.1"
+    advertise_host: str = ""  # how peers reach this process; default: bind_host, or the hostname for 0.0.0.0
     instance_id: str = ""
     kv_cache_memory: int = 256 * 2**20
     max_num_seqs: int = 64
@@ -61,6 +62,9 @@ class HostConfig:
         if "D" in roles and "P" not in roles and "E" in roles:
             raise ValueError("E and D without P in one process is not a useful co-location")
         self.roles = "".join(r for r in "EPD" if r in roles)
+        if not self.advertise_host:
+            wildcard = self.bind_host in ("0.0.0.0", "::", "*")
+            self.advertise_host = socket.gethostname() if wildcard else self.bind_host
         self.instance_id = self.instance_id or f"{self.roles.lower()}-{uuid.uuid4().hex[:8]}"
 
 
@@ -68,7 +72,9 @@ class Host:
     def __init__(self, config: HostConfig) -> None:
         self.config = config
         self.stopping = False
-        self.io = ServiceIO(config.instance_id, config.gateway_address, f"tcp://{config.bind_host}:*")
+        self.io = ServiceIO(
+            config.instance_id, config.gateway_address, f"tcp://{config.bind_host}:*", config.advertise_host
+        )
         self.encode = self.prefill = self.decode = None
         self.engine = None
         self.handlers: dict = {}
@@ -91,7 +97,7 @@ class Host:
         self.model = model
         fam = model.family
         backend = resolve_backend(c.dataplane, same_host=True)
-        self.dataplane = create_dataplane(backend, host=c.bind_host)
+        self.dataplane = create_dataplane(backend, host=c.bind_host, advertise_host=c.advertise_host)
         roles = c.roles
         if "P" in roles or "D" in roles:
             ecfg = EngineConfig(

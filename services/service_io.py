@@ -22,10 +22,13 @@ from common.protocol import Heartbeat, Load, Msg
 
 
 class ServiceIO:
-    def __init__(self, name: str, gateway_address: str, bind: str = "tcp://127.0.0.1:*") -> None:
+    def __init__(
+        self, name: str, gateway_address: str, bind: str = "tcp://127.0.0.1:*", advertise_host: str = ""
+    ) -> None:
         self.name = name
         self.gateway_address = gateway_address
         self._bind = bind
+        self._advertise_host = advertise_host
         self.inbox: queue.SimpleQueue[tuple[Msg, list[Any]]] = queue.SimpleQueue()
         self.address = ""
         self.load: Callable[[], Load] = Load
@@ -80,7 +83,7 @@ class ServiceIO:
         ctx = zmq.asyncio.Context()
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._mailbox = Mailbox(ctx, self.name, self._bind)
+        self._mailbox = Mailbox(ctx, self.name, self._bind, self._advertise_host)
         self.address = self._mailbox.address
         self._ready.set()
         tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeat())]
