@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 if ! .venv/bin/python -c "import cli.main, pytest, openai" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.epd-installed ]; then
-  echo "==> installing epd-serve (editable) with test extras"
-  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
+  echo "==> installing epd-serve (editable) with test and bench extras"
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,bench]"
   touch .venv/.epd-installed
 fi

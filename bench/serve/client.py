@@ -94,6 +94,8 @@ async def _consume(response: aiohttp.ClientResponse, record: RequestRecord) -> N
         try:
             chunk = json.loads(data)
         except ValueError:
+            chunk = None
+        if not isinstance(chunk, dict):
             record.error = f"malformed SSE data: {data[:200]!r}"
             return
         if "error" in chunk:

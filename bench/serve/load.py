@@ -47,7 +47,7 @@ class LoadPoint:
     def label(self) -> str:
         """Short, for tables and plot axes: '4 req/s', 'inf req/s', '8 clients'."""
         if self.rate is None:
-            return f"{self.concurrency} clients"
+            return f"{self.concurrency} client{'s' if self.concurrency != 1 else ''}"
         return f"{self.rate:g} req/s" + (f", <= {self.concurrency} in flight" if self.concurrency else "")
 
     @property

@@ -77,7 +77,7 @@ async def server():
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     async with aiohttp.ClientSession() as session:
         yield script, session, f"http://127.0.0.1:{port}/v1"
     await runner.cleanup()
