@@ -105,6 +105,7 @@ class FeatureDest(Msg):
     hash: str
     buffer_id: str = ""
     transfer_id: str = ""
+    offset: int = 0  # where in the buffer (prefill keeps one arena for all features)
 
 
 # ---- prefill and decode ---------------------------------------------------------------------------

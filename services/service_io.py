@@ -20,6 +20,8 @@ import zmq.asyncio
 from common.mailbox import Mailbox
 from common.protocol import Heartbeat, Load, Msg
 
+_WAKE: Any = ("wake", [])
+
 
 class ServiceIO:
     def __init__(
@@ -53,8 +55,12 @@ class ServiceIO:
     def to_gateway(self, msg: Msg, buffers: Sequence[Any] = ()) -> None:
         self.send(self.gateway_address, msg, buffers)
 
+    def wake(self, *_: Any) -> None:
+        """Thread-safe: end the compute loop's wait at once (a transfer finished, say)."""
+        self.inbox.put(_WAKE)
+
     def get(self, timeout: float) -> list[tuple[Msg, list[Any]]]:
-        """Every message waiting, blocking up to `timeout` seconds for the first."""
+        """Every message waiting, blocking up to `timeout` seconds for the first (or a wake)."""
         out = []
         try:
             out.append(self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait())
@@ -62,7 +68,7 @@ class ServiceIO:
                 out.append(self.inbox.get_nowait())
         except queue.Empty:
             pass
-        return out
+        return [item for item in out if item is not _WAKE]
 
     def stop(self) -> None:
         if self._loop is not None and self._stopped is not None:

@@ -65,6 +65,16 @@ class TransferHandle:
         self._bytes = 0
         self._first: float | None = None
         self._last: float | None = None
+        self._done_callbacks: list[Callable[[TransferHandle], None]] = []
+
+    def on_done(self, callback: Callable[[TransferHandle], None]) -> None:
+        """Call `callback(handle)` once the transfer succeeds or fails (at once if it already has), on
+        whichever thread finishes it: a compute loop can sleep until then instead of polling."""
+        with self._cond:
+            if not self._state.done:
+                self._done_callbacks.append(callback)
+                return
+        callback(self)
 
     def __repr__(self) -> str:
         return f"TransferHandle({self.transfer_id!r}, {self._state.value}, bytes={self._bytes})"
@@ -131,7 +141,10 @@ class TransferHandle:
                 return False
             self._state, self._failure = state, reason
             self._cond.notify_all()
-            return True
+            callbacks, self._done_callbacks = self._done_callbacks, []
+        for callback in callbacks:
+            callback(self)
+        return True
 
 
 Source = Any  # memoryview | bytes | bytearray | numpy.ndarray | torch.Tensor (contiguous bytes)

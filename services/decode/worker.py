@@ -119,6 +119,7 @@ class DecodeWorker:
                 for b in blocks
             ]
             handle = self.dataplane.expect(transfer_id, regions)
+            handle.on_done(getattr(self.io, "wake", lambda *_: None))
             self.receiving[rid] = _Receiving(msg, handle, deadline)
             dest = KvDest(
                 request_id=rid, block_ids=blocks, transfer_id=transfer_id, pool_blocks=self.pool_blocks,

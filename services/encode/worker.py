@@ -84,8 +84,9 @@ class EncodeWorker:
         if features is None or not msg.buffer_id:
             return  # the prefill instance holds these features already
         dest = self._dest_dataplane.get(msg.sender, {})
-        region = Region(msg.buffer_id, 0, features.numel() * features.element_size())
+        region = Region(msg.buffer_id, msg.offset, features.numel() * features.element_size())
         handle = self.dataplane.write(dest, msg.transfer_id, [(byte_view(features), region)])
+        handle.on_done(getattr(self.io, "wake", lambda *_: None))
         self._writes.append((handle, features))
 
     def on_abort(self, request_id: str) -> None:

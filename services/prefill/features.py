@@ -1,10 +1,11 @@
 """Encoder features arriving at a prefill instance, and the cache that keeps them.
 
 An encoder offers the features of a content hash (FEATURE_OFFER); if the hash is cached here the answer
-is "keep them" and nothing moves. Otherwise a buffer of the offered size is allocated in the data plane,
+is "keep them" and nothing moves. Otherwise a range of the offered size is set aside in the data plane,
 a transfer is expected into it, and its id goes back (FEATURE_DEST). When the transfer succeeds the
 features are copied out into the LRU cache (so the data-plane buffer is freed at once) and requests
 waiting on that hash can go. Offers usually arrive before the request itself does (prefetch).
+Destinations are ranges of one long-lived arena buffer (see `arena`), so nothing is mapped per item.
 """
 
 from __future__ import annotations
@@ -20,22 +21,32 @@ import torch
 from common.dataplane.base import Region, TransferState
 from common.protocol import FeatureDest, FeatureOffer
 from services.byte_lru import ByteLRU
+from services.prefill.arena import Arena
 from services.tensor_bytes import tensor_from_bytes
 
 log = logging.getLogger("epd.prefill")
+_ARENA = "features"
 
 
 @dataclass(slots=True)
 class _Incoming:
     offer: FeatureOffer
     buffer_id: str
+    offset: int | None  # in the arena; None: a buffer of its own
     memory: memoryview
     handle: Any
     deadline: float
 
 
 class FeatureStore:
-    def __init__(self, io: Any, dataplane: Any, cache_bytes: int, transfer_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        io: Any,
+        dataplane: Any,
+        cache_bytes: int,
+        transfer_timeout_s: float = 30.0,
+        arena_bytes: int = 64 * 2**20,
+    ) -> None:
         self.io = io
         self.dataplane = dataplane
         self.cache: ByteLRU[torch.Tensor] = ByteLRU(cache_bytes)
@@ -43,6 +54,9 @@ class FeatureStore:
         self._incoming: dict[str, _Incoming] = {}  # transfer id -> incoming features
         self._incoming_hashes: set[str] = set()
         self.bytes_received = 0
+        self._wake = getattr(io, "wake", lambda *_: None)
+        self.arena = Arena(arena_bytes)
+        self._arena_memory = dataplane.allocate(_ARENA, arena_bytes)
 
     def has(self, hash_: str) -> bool:
         return hash_ in self.cache
@@ -58,14 +72,20 @@ class FeatureStore:
         if offer.hash in self.cache or offer.hash in self._incoming_hashes:
             self.io.send(offer.encoder_address, FeatureDest(hash=offer.hash))
             return
-        buffer_id = f"feat-{uuid.uuid4().hex[:16]}"
         transfer_id = uuid.uuid4().hex
-        memory = self.dataplane.allocate(buffer_id, offer.nbytes)
-        handle = self.dataplane.expect(transfer_id, [Region(buffer_id, 0, offer.nbytes)])
+        offset = self.arena.alloc(offer.nbytes)
+        if offset is not None:
+            buffer_id, start = _ARENA, offset
+            memory = self._arena_memory[offset : offset + offer.nbytes]
+        else:  # larger than what the arena has free: a buffer of its own
+            buffer_id, start = f"feat-{transfer_id[:16]}", 0
+            memory = self.dataplane.allocate(buffer_id, offer.nbytes)
+        handle = self.dataplane.expect(transfer_id, [Region(buffer_id, start, offer.nbytes)])
+        handle.on_done(self._wake)
         deadline = time.monotonic() + self.transfer_timeout_s
-        self._incoming[transfer_id] = _Incoming(offer, buffer_id, memory, handle, deadline)
+        self._incoming[transfer_id] = _Incoming(offer, buffer_id, offset, memory, handle, deadline)
         self._incoming_hashes.add(offer.hash)
-        reply = FeatureDest(hash=offer.hash, buffer_id=buffer_id, transfer_id=transfer_id)
+        reply = FeatureDest(hash=offer.hash, buffer_id=buffer_id, transfer_id=transfer_id, offset=start)
         self.io.send(offer.encoder_address, reply)
 
     def poll(self) -> bool:
@@ -87,5 +107,8 @@ class FeatureStore:
             del self._incoming[transfer_id]
             self._incoming_hashes.discard(inc.offer.hash)
             del inc.memory
-            self.dataplane.free(inc.buffer_id)
+            if inc.offset is not None:
+                self.arena.free(inc.offset)
+            else:
+                self.dataplane.free(inc.buffer_id)
         return arrived

@@ -122,5 +122,7 @@ class KVSender:
             for src, dst in zip(h.seq.block_table[:n_blocks], dest.block_ids, strict=True):
                 region = Region("kv", (base + dst) * dest.block_bytes, dest.block_bytes)
                 items.append((byte_view(pool[layer, kind, src]), region))
-        h.handles.append(self.dataplane.write(dest.dataplane, dest.transfer_id, items))
+        handle = self.dataplane.write(dest.dataplane, dest.transfer_id, items)
+        handle.on_done(getattr(self.io, "wake", lambda *_: None))
+        h.handles.append(handle)
         h.sent_layers += 1
