@@ -188,7 +188,8 @@ class Host:
         stepper = self.prefill or self.decode
         while not self.stopping:
             busy = any(w.has_work() for w in workers)
-            for msg, frames in self.io.get(timeout=0 if busy else 0.005):
+            # idle: sleep until a message or a finished transfer wakes us (deadlines are coarse)
+            for msg, frames in self.io.get(timeout=0 if busy else 0.05):
                 self._dispatch(msg, frames)
             for w in workers:
                 w.poll()

@@ -20,11 +20,13 @@ import time
 import weakref
 from typing import Any
 
+import msgspec
 import numpy as np
 import zmq
 
 from common.dataplane import shm_segments as seg
 from common.dataplane import wire
+from common.dataplane.base import Region
 from common.dataplane.channel import ChannelDataPlane
 from common.dataplane.sender import Aborted, Job, PeerSender
 
@@ -77,18 +79,29 @@ class ShmDataPlane(ChannelDataPlane):
         self._board.post(transfer_id)
 
     def on_message(self, header: wire.Header, payload: list[zmq.Frame]) -> None:
-        if header.kind != "done" or payload:
+        if header.kind != "done" or len(payload) > 1:
             self.reject(
                 header, f"shm consumer does not take {header.kind!r} messages with {len(payload)} frames"
             )
             return
-        if (problem := self.buffers.problem(header.region)) is not None:
-            self.reject(header, problem)
-            return
-        end = header.offset + header.length
+        # one notice may cover many regions of one buffer (a layer's KV blocks): frame 1 lists them
+        spans = [(header.offset, header.length)]
+        if payload:
+            try:
+                spans = _spans_decoder.decode(payload[0].buffer)
+            except msgspec.DecodeError as exc:
+                self.reject(header, f"malformed region list: {exc}")
+                return
         began = min(header.started, time.monotonic()) if header.started > 0 else None
-        if self.ledger.deliver(header.transfer_id, header.buffer_id, header.offset, end, began=began):
-            self.count_received(header.length)
+        for offset, length in spans:
+            region = Region(header.buffer_id, offset, length)
+            if (problem := self.buffers.problem(region)) is not None:
+                self.reject(header, problem)
+                return
+            if self.ledger.deliver(
+                header.transfer_id, header.buffer_id, offset, offset + length, began=began
+            ):
+                self.count_received(length)
 
     # -- producer side --------------------------------------------------------------------------------
 
@@ -99,6 +112,8 @@ class ShmDataPlane(ChannelDataPlane):
             board = sender.state["board"] = seg.AbortBoard.attach(
                 seg.segment_name(sender.peer["id"], "#abort-board")
             )
+        written: dict[str, list[tuple[int, int]]] = {}
+        job_started = time.monotonic()
         for view, region in job.items:
             if region.length == 0:
                 continue
@@ -118,15 +133,19 @@ class ShmDataPlane(ChannelDataPlane):
                 began = job.started if start == 0 else None
                 np.copyto(dest[region.offset + start : region.offset + end], source[start:end])
                 handle.add_bytes(end - start, began)
+            if region.length >= self.chunk_bytes:  # a big region: tell at once, the next one takes a while
+                header = wire.Header(
+                    handle.transfer_id, region.buffer_id, region.offset, region.length, "done",
+                    started=region_started,
+                )  # fmt: skip
+                sender.send([wire.encode(header)], handle)
+            else:  # small regions (KV blocks): one notice per buffer for the whole write
+                written.setdefault(region.buffer_id, []).append((region.offset, region.length))
+        for buffer_id, spans in written.items():
             header = wire.Header(
-                handle.transfer_id,
-                region.buffer_id,
-                region.offset,
-                region.length,
-                "done",
-                started=region_started,
+                handle.transfer_id, buffer_id, spans[0][0], spans[0][1], "done", started=job_started
             )
-            sender.send([wire.encode(header)], handle)
+            sender.send([wire.encode(header), _spans_encoder.encode(spans)], handle)
 
     def _attachment(self, sender: PeerSender, buffer_id: str) -> seg.Attachment:
         cache: dict[str, seg.Attachment] = sender.state.setdefault("attachments", {})
@@ -159,6 +178,10 @@ class ShmDataPlane(ChannelDataPlane):
         for buffer_id in list(self._segments):
             self.free(buffer_id)
         self._board.close()
+
+
+_spans_encoder = msgspec.msgpack.Encoder()
+_spans_decoder = msgspec.msgpack.Decoder(list[tuple[int, int]])
 
 
 def _close_at_exit(ref: weakref.ref[ShmDataPlane]) -> None:

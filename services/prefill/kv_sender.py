@@ -119,10 +119,22 @@ class KVSender:
         items = []
         for kind in (0, 1):
             base = (layer * 2 + kind) * dest.pool_blocks
-            for src, dst in zip(h.seq.block_table[:n_blocks], dest.block_ids, strict=True):
-                region = Region("kv", (base + dst) * dest.block_bytes, dest.block_bytes)
-                items.append((byte_view(pool[layer, kind, src]), region))
+            for src, dst, count in _runs(h.seq.block_table[:n_blocks], dest.block_ids):
+                region = Region("kv", (base + dst) * dest.block_bytes, count * dest.block_bytes)
+                items.append((byte_view(pool[layer, kind, src : src + count]), region))
         handle = self.dataplane.write(dest.dataplane, dest.transfer_id, items)
         handle.on_done(getattr(self.io, "wake", lambda *_: None))
         h.handles.append(handle)
         h.sent_layers += 1
+
+
+def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """(src, dst, count) runs of blocks consecutive on both sides: one copy and one region each,
+    instead of one per block (blocks handed out in order usually make a request's KV one run)."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
