@@ -176,12 +176,20 @@ def run(args: argparse.Namespace) -> int:
 
     ours = results["ours (continuous batching)"]
     print(f"\n{'run':<48} {'seconds':>8} {'useful tok/s':>13} {'ours is':>9}")
-    report = {"requests": len(workload), "useful_tokens": useful, "runs": {}}
+    report = {
+        "requests": len(workload),
+        "useful_tokens": useful,
+        "image_size": args.image_size,
+        "max_in_flight": args.max_in_flight,
+        "threads": torch.get_num_threads(),
+        "runs": {},
+    }
     for name, seconds in results.items():
         rate = useful / seconds
         print(f"{name:<48} {seconds:8.2f} {rate:13.1f} {seconds / ours:8.2f}x")
         report["runs"][name] = {
             "seconds": seconds,
+            "all_seconds": times[name],
             "useful_tokens_per_s": rate,
             "ours_speedup": seconds / ours,
         }
