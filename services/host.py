@@ -119,7 +119,10 @@ class Host:
         if "P" in roles:
             from services.prefill.worker import PrefillWorker
 
-            self.prefill = PrefillWorker(fam, self.engine, self.io, self.dataplane, decodes="D" in roles)
+            self.prefill = PrefillWorker(
+                fam, self.engine, self.io, self.dataplane, decodes="D" in roles,
+                stream_kv_layers=c.device != "cpu",
+            )  # fmt: skip
         elif "D" in roles:
             from services.decode.worker import DecodeWorker
 

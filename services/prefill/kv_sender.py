@@ -2,7 +2,8 @@
 
 Layer by layer: the engine calls `on_layer(layer, chunks)` as soon as a layer's keys and values for the
 step are in the pool, and the blocks of every prompt that completes in this step go out on the data
-plane's own thread while the next layer computes. If the decode instance's destination (KV_DEST) has
+plane's own thread while the next layer computes (on CPU hosts, where a copy competes with the prompt
+for cores, the layers wait for the end of the step and go out right after the first token). If the decode instance's destination (KV_DEST) has
 not arrived yet, layers wait in a list and go when it does. When every layer has arrived on the other
 side and the first token is known, decode gets KV_READY and the blocks here are freed.
 """
@@ -34,8 +35,11 @@ class Handoff:
 
 
 class KVSender:
-    def __init__(self, engine: Any, io: Any, dataplane: Any) -> None:
+    def __init__(self, engine: Any, io: Any, dataplane: Any, stream_layers: bool = True) -> None:
         self.engine = engine
+        # stream each layer while the next computes (accelerators: copy engines run beside compute),
+        # or hold the layers until the step is done (CPU: a copy takes a core from the prompt)
+        self.stream_layers = stream_layers
         self.io = io
         self.dataplane = dataplane
         self.num_layers = engine.layout.num_layers
@@ -64,10 +68,18 @@ class KVSender:
             if h is None:
                 continue
             h.seq = c.seq
-            if h.dest is None:
+            if h.dest is None or not self.stream_layers:
                 h.pending_layers.append(layer)
             else:
                 self._send_layer(h, layer)
+
+    def flush(self) -> None:
+        """Send the layers held back during the step (when not streaming them)."""
+        for h in self.handoffs.values():
+            if h.pending_layers and h.dest is not None and h.seq is not None:
+                for layer in h.pending_layers:
+                    self._send_layer(h, layer)
+                h.pending_layers.clear()
 
     def prefilled(self, request_id: str, token_ids: list[int], num_prompt: int, rope_delta: int) -> None:
         h = self.handoffs.get(request_id)

@@ -37,14 +37,22 @@ class _Admitted:
 
 class PrefillWorker:
     def __init__(
-        self, family: Any, engine: Any, io: Any, dataplane: Any, *, decodes: bool, cache_bytes: int = 1 << 30
+        self,
+        family: Any,
+        engine: Any,
+        io: Any,
+        dataplane: Any,
+        *,
+        decodes: bool,
+        cache_bytes: int = 1 << 30,
+        stream_kv_layers: bool = True,
     ) -> None:
         self.family = family
         self.engine = engine
         self.io = io
         self.decodes = decodes  # this process hosts Decode too: requests never leave the engine
         self.features = FeatureStore(io, dataplane, cache_bytes)
-        self.kv_sender = None if decodes else KVSender(engine, io, dataplane)
+        self.kv_sender = None if decodes else KVSender(engine, io, dataplane, stream_kv_layers)
         self.waiting: dict[str, _Waiting] = {}
         self.admitted: dict[str, _Admitted] = {}
 
@@ -114,6 +122,8 @@ class PrefillWorker:
                 del self.admitted[rid]
         if updates:
             self.io.to_gateway(Tokens(updates=updates))
+        if self.kv_sender is not None:
+            self.kv_sender.flush()
 
     # ---- helpers -----------------------------------------------------------------------------------
 
