@@ -39,20 +39,24 @@ async def collect(cluster, request):
     return tokens
 
 
-@pytest.mark.parametrize("dataplane", ["shm", "tcp", "torchdist"])
-def test_every_dataplane_gives_transformers_tokens(dataplane, tiny_qwen2_vl):
-    loaded = load_model(tiny_qwen2_vl)
+@pytest.mark.parametrize(
+    ("dataplane", "family"),
+    [("shm", "qwen2_vl"), ("tcp", "qwen2_vl"), ("torchdist", "qwen2_vl"), ("shm", "qwen2_5_vl")],
+)
+def test_every_dataplane_gives_transformers_tokens(dataplane, family, request):
+    checkpoint = request.getfixturevalue(f"tiny_{family}")
+    loaded = load_model(checkpoint)
     requests = [
-        request_with_image(tiny_qwen2_vl, loaded.tokenizer, f"r{i}", 84 + 28 * i, 112, i) for i in range(3)
+        request_with_image(checkpoint, loaded.tokenizer, f"r{i}", 84 + 28 * i, 112, i) for i in range(3)
     ]
     expected = []
     for req, img in requests:
         item = loaded.family.preprocess(img)
-        expected.append(hf_greedy(tiny_qwen2_vl, loaded.family, req.token_ids, [item], 12)[0])
+        expected.append(hf_greedy(checkpoint, loaded.family, req.token_ids, [item], 12)[0])
 
     async def run():
         config = StackConfig(
-            str(tiny_qwen2_vl), parse_topology("E1 P1 D1"), dataplane=dataplane, kv_cache_memory=16
+            str(checkpoint), parse_topology("E1 P1 D1"), dataplane=dataplane, kv_cache_memory=16
         )
         stack = Stack(config)
         try:
