@@ -97,3 +97,32 @@ def test_abort_mid_decode_frees_the_decode_blocks(tiny_qwen2_vl):
             await stack.stop()
 
     assert asyncio.run(run()) is True
+
+
+def test_instances_rejoin_a_restarted_gateway(tiny_qwen2_vl):
+    """The gateway forgets everything on restart; the stage processes' next heartbeats are answered
+    with "register again", they do, and requests are served as before."""
+    from gateway.cluster import Cluster
+    from tests.e2e.stack import free_port
+
+    loaded = load_model(tiny_qwen2_vl)
+    req, img = request_with_image(tiny_qwen2_vl, loaded.tokenizer, "again", 84, 84, 3, max_tokens=6)
+    expected = hf_greedy(tiny_qwen2_vl, loaded.family, req.token_ids, [loaded.family.preprocess(img)], 6)[0]
+
+    async def run():
+        port = free_port()
+        config = StackConfig(
+            str(tiny_qwen2_vl), parse_topology("E1 P1 D1"), control_port=port, kv_cache_memory=16
+        )
+        stack = Stack(config)
+        try:
+            await stack.start(http=False)
+            await stack.cluster.close()  # the gateway goes away...
+            stack.cluster = Cluster(stack.cluster.model_name, 4096, f"tcp://127.0.0.1:{port}")
+            await stack.cluster.start()  # ...and comes back knowing nobody
+            assert await stack.cluster.wait_for({"E": 1, "P": 1, "D": 1}, 20), "instances did not rejoin"
+            return await collect(stack.cluster, req)
+        finally:
+            await stack.stop()
+
+    assert asyncio.run(run()) == expected
