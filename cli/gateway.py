@@ -7,6 +7,7 @@ decode services pointed at its control address.
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(subparsers) -> None:
@@ -36,8 +37,14 @@ def run(args: argparse.Namespace) -> int:
 
     from cli.stack import Stack, StackConfig
     from common.log import configure_logging
+    from services.models.loader import ModelLoadError, read_model_type  # torch-free check
 
     configure_logging("gateway")
+    try:
+        read_model_type(args.model)
+    except ModelLoadError as exc:
+        print(f"epd-serve gateway: error: {exc}", file=sys.stderr)
+        return 2
     config = StackConfig(
         model_dir=args.model, topology=None, host=args.host, port=args.port,
         control_host=args.control_host or args.host, control_port=args.control_port,

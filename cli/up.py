@@ -60,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"epd-serve up: error: {exc}", file=sys.stderr)
         return 2
+    if args.model:
+        from services.models.loader import ModelLoadError, read_model_type  # torch-free check
+
+        try:
+            read_model_type(args.model)
+        except ModelLoadError as exc:
+            print(f"epd-serve up: error: {exc}", file=sys.stderr)
+            return 2
     model = args.model or build_tiny_model()
     n = topology.num_processes
     cores = os.cpu_count() or 1
