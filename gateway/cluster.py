@@ -249,7 +249,9 @@ class Cluster:
                 self.mailbox.send(msg.address, again)
             return
         if isinstance(msg, Register):
-            reason = self.registry.admit(msg.info)
+            reason, replaced = self.registry.admit(msg.info)
+            if replaced is not None:
+                self._fail_instance(replaced, "was restarted")
             ack = RegisterAck(
                 accepted=reason is None, reason=reason or "", heartbeat_interval=self.heartbeat_interval
             )
@@ -281,14 +283,19 @@ class Cluster:
                 log.warning("instance %s (%s) stopped heartbeating; dropped", inst.id, inst.info.roles)
                 assert self.mailbox is not None
                 self.mailbox.forget(inst.address)
-                for rid in list(inst.inflight):
-                    flight = self._flights.get(rid)
-                    if flight is None:
-                        continue
-                    stage = flight.holders.pop(inst.id, "?")
-                    self._send_abort(rid, flight)
-                    message = f"the {_stage_name(stage)} instance {inst.id} serving this request died"
-                    flight.queue.put_nowait(BackendError(503, message))
+                self._fail_instance(inst, "died")
+
+    def _fail_instance(self, inst: Instance, what: str) -> None:
+        """End every request `inst` held with an error, and free them on the other stages."""
+        for rid in list(inst.inflight):
+            flight = self._flights.get(rid)
+            if flight is None:
+                continue
+            stage = flight.holders.pop(inst.id, "?")
+            self._send_abort(rid, flight)
+            message = f"the {_stage_name(stage)} instance {inst.id} serving this request {what}"
+            flight.queue.put_nowait(BackendError(503, message))
+        inst.inflight.clear()
 
 
 def _stage_name(stage: str) -> str:

@@ -41,18 +41,24 @@ class Registry:
         self._encoded_at: OrderedDict[str, str] = OrderedDict()  # content hash -> encode instance id
         self._affinity_size = affinity_size
 
-    def admit(self, info: InstanceInfo) -> str | None:
-        """Add (or refresh) an instance; returns why it is refused, or None."""
+    def admit(self, info: InstanceInfo) -> tuple[str | None, Instance | None]:
+        """Add (or refresh) an instance. Returns why it is refused (or None) and the instance it
+        replaces: a new process under a known id (a restart faster than the heartbeat timeout) means
+        the old process is gone, and so is everything it held."""
         if info.protocol_version != PROTOCOL_VERSION:
-            return f"protocol version {info.protocol_version}, the gateway speaks {PROTOCOL_VERSION}"
+            return f"protocol version {info.protocol_version}, the gateway speaks {PROTOCOL_VERSION}", None
         if info.model != self.model_name:
-            return f"serves model {info.model!r}, the gateway serves {self.model_name!r}"
+            return f"serves model {info.model!r}, the gateway serves {self.model_name!r}", None
         old = self.instances.get(info.instance_id)
         inst = Instance(info, time.monotonic())
+        replaced = None
         if old is not None:
-            inst.inflight = old.inflight
+            if (old.info.address, old.info.pid) == (info.address, info.pid):
+                inst.inflight = old.inflight  # the same process registering again
+            else:
+                replaced = old
         self.instances[info.instance_id] = inst
-        return None
+        return None, replaced
 
     def heartbeat(self, instance_id: str, load: Load) -> bool:
         inst = self.instances.get(instance_id)

@@ -71,13 +71,12 @@ def test_mailbox_drops_garbage_and_keeps_receiving():
 def test_registry_refuses_another_protocol_version_or_model():
     reg = Registry("m")
     info = InstanceInfo(instance_id="d0", roles="D", address="tcp://x", model="m")
-    assert reg.admit(info) is None
+    assert reg.admit(info) == (None, None)
     old = InstanceInfo(
         instance_id="d1", roles="D", address="tcp://y", model="m", protocol_version=PROTOCOL_VERSION + 1
     )
-    assert "protocol version" in reg.admit(old)
-    assert "serves model" in reg.admit(
-        InstanceInfo(instance_id="d2", roles="D", address="tcp://z", model="other")
-    )
+    assert "protocol version" in reg.admit(old)[0]
+    other = InstanceInfo(instance_id="d2", roles="D", address="tcp://z", model="other")
+    assert "serves model" in reg.admit(other)[0]
     assert set(reg.instances) == {"d0"}
     assert Register(info=info).info.roles == "D"

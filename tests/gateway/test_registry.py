@@ -40,7 +40,7 @@ def test_instances_without_heartbeats_expire_and_rejoin_keeps_placements():
     reg = Registry("m", timeout_s=0.05)
     reg.admit(info("p0", "P"))
     reg.instances["p0"].inflight.add("r")
-    reg.admit(info("p0", "P"))  # a re-registration keeps what the gateway placed there
+    assert reg.admit(info("p0", "P")) == (None, None)  # the same process again keeps its placements
     assert reg.instances["p0"].inflight == {"r"}
     time.sleep(0.1)
     assert [i.id for i in reg.expired()] == ["p0"] and not reg.instances
@@ -52,3 +52,13 @@ def test_counts_by_role_include_colocated_instances():
     reg.admit(info("ep0", "EP"))
     reg.admit(info("d0", "D"))
     assert reg.counts() == {"E": 1, "P": 1, "D": 1}
+
+
+def test_a_new_process_under_a_known_id_replaces_the_old_one():
+    reg = Registry("m")
+    reg.admit(info("d0", "D"))
+    reg.instances["d0"].inflight.add("r")
+    restarted = InstanceInfo(instance_id="d0", roles="D", address="tcp://127.0.0.1:9", model="m", pid=42)
+    reason, replaced = reg.admit(restarted)
+    assert reason is None and replaced is not None and replaced.inflight == {"r"}
+    assert reg.instances["d0"].inflight == set()  # what the old process held is not the new one's
