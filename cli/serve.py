@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(subparsers) -> None:
@@ -52,11 +53,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.cpus:
         os.sched_setaffinity(0, parse_cpus(args.cpus))
-    config = HostConfig(
-        roles=args.roles, model_dir=args.model, gateway_address=args.gateway, dataplane=args.dataplane,
-        device=args.device, dtype=args.dtype, bind_host=args.bind_host, advertise_host=args.advertise_host, instance_id=args.instance_id,
-        kv_cache_memory=args.kv_cache_memory * 2**20, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        threads=args.threads,
-    )  # fmt: skip
+    try:
+        config = HostConfig(
+            roles=args.roles, model_dir=args.model, gateway_address=args.gateway, dataplane=args.dataplane,
+            device=args.device, dtype=args.dtype, bind_host=args.bind_host,
+            advertise_host=args.advertise_host, instance_id=args.instance_id,
+            kv_cache_memory=args.kv_cache_memory * 2**20, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+            threads=args.threads,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"epd-serve serve: error: {exc}", file=sys.stderr)
+        return 2
     return serve(config)

@@ -62,6 +62,12 @@ class HostConfig:
         if "D" in roles and "P" not in roles and "E" in roles:
             raise ValueError("E and D without P in one process is not a useful co-location")
         self.roles = "".join(r for r in "EPD" if r in roles)
+        if self.device != "cpu" and ("P" in roles) != ("D" in roles):
+            # the KV hand-off moves host memory today; device-to-device transfer is next work
+            raise ValueError(
+                f"roles {self.roles!r} on {self.device}: prefill and decode in separate processes need "
+                "host memory for the KV hand-off; co-locate them (PD, EPD) on accelerators for now"
+            )
         if not self.advertise_host:
             wildcard = self.bind_host in ("0.0.0.0", "::", "*")
             self.advertise_host = socket.gethostname() if wildcard else self.bind_host

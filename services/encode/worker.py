@@ -148,6 +148,7 @@ class EncodeWorker:
         if self.local_prefill is not None and dest.prefill_id == self.local_id:
             self.local_prefill.add_features(hash_, features)
             return
+        features = features.cpu()  # the data plane moves host memory (a no-op on CPU)
         self._offers[(hash_, dest.prefill_id)] = features
         self._dest_dataplane[dest.prefill_id] = dest.prefill_dataplane
         offer = FeatureOffer(
