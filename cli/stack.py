@@ -36,6 +36,7 @@ class StackConfig:
     kv_cache_memory: int = 256  # MiB per process
     max_model_len: int | None = None
     max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
     threads: int = 1
     cpus: list[str] = field(default_factory=list)  # per process, in topology order
     allowed_local_media_dirs: list[str] = field(default_factory=list)
@@ -77,6 +78,7 @@ class Stack:
             "--model", c.model_dir, "--dataplane", c.dataplane, "--device", c.device,
             "--bind-host", c.host if c.host not in ("0.0.0.0", "::") else "127.0.0.1",
             "--kv-cache-memory", str(c.kv_cache_memory), "--max-num-seqs", str(c.max_num_seqs),
+            "--max-num-batched-tokens", str(c.max_num_batched_tokens),
             "--threads", str(c.threads), "--instance-id", f"{roles.lower()}{index}",
         ]  # fmt: skip
         if c.dtype:

@@ -36,6 +36,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=256, metavar="MiB", help="KV pool per process")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoding at once per process")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one engine step: lower keeps decode steps short (TPOT) "
+                   "while long prompts prefill in chunks")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
     p.add_argument("--pin", action="store_true", help="pin each process to its own cores (round robin)")
     p.add_argument("--cpus", action="append", default=[], metavar="LIST",
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         model_dir=model, topology=topology, dataplane=args.dataplane, host=args.host, port=args.port,
         control_port=args.control_port, device=args.device, dtype=args.dtype,
         kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, threads=args.threads or max(1, cores // n), cpus=cpus,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        threads=args.threads or max(1, cores // n), cpus=cpus,
         allowed_local_media_dirs=args.allowed_local_media_path, ready_timeout=args.ready_timeout,
         restart=not args.no_restart,
     )  # fmt: skip
