@@ -115,7 +115,7 @@ class Host:
                 from services.engine.kv_cache import KVLayout
 
                 layout = KVLayout(fam.num_layers, fam.num_kv_heads, fam.head_dim, fam.dtype)
-                block_bytes = layout.token_bytes() * ecfg.block_size
+                block_bytes = layout.token_bytes() * ecfg.block_size  # one block, all layers, K and V
                 nbytes = (c.kv_cache_memory // block_bytes) * block_bytes
                 kv_buffer = torch.frombuffer(self.dataplane.allocate("kv", nbytes), dtype=torch.uint8)
             prefill_only = "P" in roles and "D" not in roles

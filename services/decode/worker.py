@@ -19,6 +19,7 @@ from typing import Any
 from common.dataplane.base import Region, TransferState
 from common.log import get_logger
 from common.protocol import KvDest, KvReady, KvReserve, RequestError, Tokens, TokenUpdate
+from services.engine.kv_cache import block_offset
 
 log = get_logger("epd.decode")
 
@@ -37,11 +38,8 @@ class DecodeWorker:
         self.io = io
         self.dataplane = dataplane
         self.timeout_s = timeout_s
-        kv = engine.kv
-        self.pool_blocks = kv.num_blocks
-        self.block_bytes = (
-            kv.block_size * engine.layout.num_kv_heads * engine.layout.head_dim * (kv.pool.element_size())
-        )
+        self.pool_blocks = engine.kv.num_blocks
+        self.block_bytes = engine.kv.block_bytes
         self.backlog: dict[str, tuple[KvReserve, float]] = {}
         self.receiving: dict[str, _Receiving] = {}
 
@@ -113,13 +111,15 @@ class DecodeWorker:
             del self.backlog[rid]
             transfer_id = uuid.uuid4().hex
             regions = [
-                Region("kv", ((layer * 2 + kind) * self.pool_blocks + b) * self.block_bytes, self.block_bytes)
+                Region(
+                    "kv", block_offset(layer, kind, b, self.pool_blocks, self.block_bytes), self.block_bytes
+                )
                 for layer in range(self.engine.layout.num_layers)
                 for kind in (0, 1)
                 for b in blocks
             ]
             handle = self.dataplane.expect(transfer_id, regions)
-            handle.on_done(getattr(self.io, "wake", lambda *_: None))
+            handle.on_done(self.io.wake)
             self.receiving[rid] = _Receiving(msg, handle, deadline)
             dest = KvDest(
                 request_id=rid, block_ids=blocks, transfer_id=transfer_id, pool_blocks=self.pool_blocks,

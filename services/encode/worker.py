@@ -86,7 +86,7 @@ class EncodeWorker:
         dest = self._dest_dataplane.get(msg.sender, {})
         region = Region(msg.buffer_id, msg.offset, features.numel() * features.element_size())
         handle = self.dataplane.write(dest, msg.transfer_id, [(byte_view(features), region)])
-        handle.on_done(getattr(self.io, "wake", lambda *_: None))
+        handle.on_done(self.io.wake)
         self._writes.append((handle, features))
 
     def on_abort(self, request_id: str) -> None:

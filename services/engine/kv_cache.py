@@ -35,6 +35,12 @@ class KVLayout:
         return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
 
 
+def block_offset(layer: int, kind: int, block: int, num_blocks: int, block_bytes: int) -> int:
+    """Byte offset of the keys (kind 0) or values (kind 1) of `block` of `layer` in a pool buffer of
+    `num_blocks` blocks: the contract between a decode instance's pool and the prefill writing it."""
+    return ((layer * 2 + kind) * num_blocks + block) * block_bytes
+
+
 class KVCache:
     def __init__(
         self,
@@ -63,6 +69,11 @@ class KVCache:
     @property
     def device(self) -> torch.device:
         return self.pool.device
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of one layer's keys (or values)."""
+        return self.pool[0, 0, 0].numel() * self.pool.element_size()
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value slots of one layer: [num_blocks * block_size, kv_heads, head_dim] each."""

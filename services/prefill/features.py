@@ -54,7 +54,6 @@ class FeatureStore:
         self._incoming: dict[str, _Incoming] = {}  # transfer id -> incoming features
         self._incoming_hashes: set[str] = set()
         self.bytes_received = 0
-        self._wake = getattr(io, "wake", lambda *_: None)
         self.arena = Arena(arena_bytes)
         self._arena_memory = dataplane.allocate(_ARENA, arena_bytes)
 
@@ -81,7 +80,7 @@ class FeatureStore:
             buffer_id, start = f"feat-{transfer_id[:16]}", 0
             memory = self.dataplane.allocate(buffer_id, offer.nbytes)
         handle = self.dataplane.expect(transfer_id, [Region(buffer_id, start, offer.nbytes)])
-        handle.on_done(self._wake)
+        handle.on_done(self.io.wake)
         deadline = time.monotonic() + self.transfer_timeout_s
         self._incoming[transfer_id] = _Incoming(offer, buffer_id, offset, memory, handle, deadline)
         self._incoming_hashes.add(offer.hash)

@@ -16,6 +16,7 @@ from typing import Any
 
 from common.dataplane.base import Region, TransferState
 from common.protocol import KvDest, KvReady
+from services.engine.kv_cache import block_offset
 from services.engine.scheduler import ScheduledChunk
 from services.engine.sequence import Sequence
 from services.tensor_bytes import byte_view
@@ -130,12 +131,12 @@ class KVSender:
         n_blocks = self.engine.block_manager.blocks_for(h.seq.num_prompt_tokens)
         items = []
         for kind in (0, 1):
-            base = (layer * 2 + kind) * dest.pool_blocks
             for src, dst, count in _runs(h.seq.block_table[:n_blocks], dest.block_ids):
-                region = Region("kv", (base + dst) * dest.block_bytes, count * dest.block_bytes)
+                offset = block_offset(layer, kind, dst, dest.pool_blocks, dest.block_bytes)
+                region = Region("kv", offset, count * dest.block_bytes)
                 items.append((byte_view(pool[layer, kind, src : src + count]), region))
         handle = self.dataplane.write(dest.dataplane, dest.transfer_id, items)
-        handle.on_done(getattr(self.io, "wake", lambda *_: None))
+        handle.on_done(self.io.wake)
         h.handles.append(handle)
         h.sent_layers += 1
 
