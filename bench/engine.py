@@ -75,13 +75,14 @@ def run_ours(model_dir: str, workload: list[BenchRequest], max_in_flight: int) -
 def _hf_batch_inputs(family, tokenizer, batch: list[BenchRequest]):
     import torch
 
-    from services.models.prompting import expand_placeholders, render_chat, user_message
+    from services.models.prompting import chat_prompt_ids
 
     items = [family.preprocess(r.image) for r in batch]
     prompts = []
     for r, item in zip(batch, items, strict=True):
-        ids = render_chat(tokenizer, user_message(r.prompt, 1))
-        prompts.append(expand_placeholders(ids, family.image_token_id, [family.num_image_tokens(item)]))
+        prompts.append(
+            chat_prompt_ids(tokenizer, r.prompt, family.image_token_id, [family.num_image_tokens(item)])
+        )
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])

@@ -19,7 +19,7 @@ from services.engine.engine import Engine
 from services.engine.inputs import ModelInputs
 from services.engine.sequence import FinishReason
 from services.models.loader import LoadedModel, load_model
-from services.models.prompting import expand_placeholders, render_chat, user_message
+from services.models.prompting import chat_prompt_ids
 
 
 @dataclass(slots=True)
@@ -60,10 +60,8 @@ class LLM:
     def prepare(self, prompt: str, images: list[Any] = ()) -> PreparedRequest:
         """Chat-template `prompt` after `images` (PIL images), expand placeholders, run the encoder."""
         items = [self.family.preprocess(img) for img in images]
-        ids = render_chat(self.tokenizer, user_message(prompt, len(items)))
-        ids = expand_placeholders(
-            ids, self.family.image_token_id, [self.family.num_image_tokens(i) for i in items]
-        )
+        counts = [self.family.num_image_tokens(i) for i in items]
+        ids = chat_prompt_ids(self.tokenizer, prompt, self.family.image_token_id, counts)
         limit = self.engine.max_model_len
         if len(ids) >= limit:
             raise ValueError(f"the prompt takes {len(ids)} tokens; the model's context is {limit} tokens")

@@ -38,3 +38,10 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
         ids = ids["input_ids"]
     return list(ids)
+
+
+def chat_prompt_ids(tokenizer: Any, text: str, image_token_id: int, image_tokens: list[int]) -> list[int]:
+    """Prompt ids of a one-turn question after len(image_tokens) images, placeholders expanded:
+    the i-th image takes image_tokens[i] copies of `image_token_id`."""
+    ids = render_chat(tokenizer, user_message(text, len(image_tokens)))
+    return expand_placeholders(ids, image_token_id, image_tokens)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from services.models.loader import load_model
-from services.models.prompting import expand_placeholders, render_chat, user_message
+from services.models.prompting import chat_prompt_ids
 from tests.reference import hf_greedy, make_image
 
 
@@ -42,8 +42,7 @@ def test_generate_json_equals_transformers_greedy(tiny_qwen2_vl, tmp_path):
     from PIL import Image
 
     item = fam.preprocess(Image.open(image_path).convert("RGB"))
-    ids = render_chat(loaded.tokenizer, user_message("What is this?", 1))
-    ids = expand_placeholders(ids, fam.image_token_id, [fam.num_image_tokens(item)])
+    ids = chat_prompt_ids(loaded.tokenizer, "What is this?", fam.image_token_id, [fam.num_image_tokens(item)])
     ref, _ = hf_greedy(tiny_qwen2_vl, fam, ids, [item], 12)
     assert result["token_ids"] == ref
     assert result["finish_reason"] == ("length" if len(ref) == 12 else "stop")

@@ -8,7 +8,7 @@ import io
 import pytest
 
 from services.models.loader import load_model
-from services.models.prompting import expand_placeholders, render_chat, user_message
+from services.models.prompting import chat_prompt_ids
 from tests.reference import hf_greedy, make_image
 
 QUESTION = "What is in this picture?"
@@ -42,8 +42,7 @@ class Reference:
     def answer(self, image, max_tokens: int, text: str = QUESTION) -> str:
         fam, tok = self.loaded.family, self.loaded.tokenizer
         item = fam.preprocess(image)
-        ids = render_chat(tok, user_message(text, 1))
-        ids = expand_placeholders(ids, fam.image_token_id, [fam.num_image_tokens(item)])
+        ids = chat_prompt_ids(tok, text, fam.image_token_id, [fam.num_image_tokens(item)])
         tokens, _ = hf_greedy(self.model_dir, fam, ids, [item], max_tokens)
         return tok.decode(tokens, skip_special_tokens=True)
 

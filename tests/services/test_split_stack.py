@@ -14,7 +14,7 @@ from common.sampling_params import SamplingParams
 from common.topology import parse_topology
 from gateway.backend import GenerateRequest, ImageInput
 from services.models.loader import load_model
-from services.models.prompting import expand_placeholders, render_chat, user_message
+from services.models.prompting import chat_prompt_ids
 from services.models.vision_geometry import VisionGeometry
 from tests.reference import hf_greedy, make_image
 
@@ -26,8 +26,9 @@ def request_with_image(model_dir, tokenizer, rid, width, height, seed, max_token
     data = buf.getvalue()
     geo = VisionGeometry.from_dir(model_dir)
     n = geo.num_tokens(width, height)
-    ids = render_chat(tokenizer, user_message("What is in this picture?", 1))
-    ids = expand_placeholders(ids, tokenizer.convert_tokens_to_ids("<|image_pad|>"), [n])
+    ids = chat_prompt_ids(
+        tokenizer, "What is in this picture?", tokenizer.convert_tokens_to_ids("<|image_pad|>"), [n]
+    )
     image = ImageInput(content_hash(data), data, width, height, geo.grid(width, height), n)
     return GenerateRequest(rid, ids, [image], SamplingParams(max_tokens=max_tokens)), img
 

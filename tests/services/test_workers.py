@@ -18,7 +18,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.kv_cache import KVLayout
 from services.models.loader import load_model
-from services.models.prompting import expand_placeholders, render_chat, user_message
+from services.models.prompting import chat_prompt_ids
 from services.prefill.worker import PrefillWorker
 from tests.reference import hf_greedy, make_image
 
@@ -94,8 +94,9 @@ def request(loaded, rid, image, max_tokens=10):
     image.save(buf, format="PNG")
     data = buf.getvalue()
     item = fam.preprocess(image)
-    ids = render_chat(loaded.tokenizer, user_message("What is in this picture?", 1))
-    ids = expand_placeholders(ids, fam.image_token_id, [fam.num_image_tokens(item)])
+    ids = chat_prompt_ids(
+        loaded.tokenizer, "What is in this picture?", fam.image_token_id, [fam.num_image_tokens(item)]
+    )
     params = SamplingParams(max_tokens=max_tokens)
     h = content_hash(data)
     return data, h, item, ids, params

@@ -11,7 +11,7 @@ from services.engine.engine import Engine
 from services.engine.llm import LLM
 from services.engine.stages import DecodeStage, EncodeStage, PrefillRequest, PrefillStage
 from services.models.loader import load_model
-from services.models.prompting import expand_placeholders, render_chat, user_message
+from services.models.prompting import chat_prompt_ids
 from tests.reference import hf_greedy, make_image, max_logit_diff
 
 TOL = 1e-4
@@ -30,8 +30,9 @@ def loaded(checkpoint):
 def prompt(loaded, text, images):
     fam = loaded.family
     items = [fam.preprocess(img) for img in images]
-    ids = render_chat(loaded.tokenizer, user_message(text, len(items)))
-    ids = expand_placeholders(ids, fam.image_token_id, [fam.num_image_tokens(i) for i in items])
+    ids = chat_prompt_ids(
+        loaded.tokenizer, text, fam.image_token_id, [fam.num_image_tokens(i) for i in items]
+    )
     return ids, items
 
 
