@@ -23,7 +23,7 @@ import zmq
 from common.dataplane import wire
 from common.dataplane.base import DataPlane, Region, Source, TransferHandle
 from common.dataplane.ledger import Ledger
-from common.dataplane.memory import BufferTable, byte_view
+from common.dataplane.memory import BufferTable, HostBuffers, byte_view
 from common.dataplane.sender import POLL_MS, Job, PeerSender
 
 log = logging.getLogger("epd.dataplane")
@@ -40,7 +40,7 @@ def _boot_id() -> str:
 HOST_IDENTITY = {"hostname": socket.gethostname(), "boot_id": _boot_id()}
 
 
-class ChannelDataPlane(DataPlane):
+class ChannelDataPlane(HostBuffers, DataPlane):
     """Base of the socket-backed planes; subclasses implement `send_job` and `on_message`."""
 
     def __init__(
@@ -78,19 +78,6 @@ class ChannelDataPlane(DataPlane):
         return {"backend": self.backend, "id": self.id, "endpoint": self.endpoint, **HOST_IDENTITY}
 
     # -- consumer side --------------------------------------------------------------------------------
-
-    def allocate(self, buffer_id: str, nbytes: int) -> memoryview:
-        if nbytes < 0:
-            raise ValueError(f"cannot allocate {nbytes} bytes")
-        view = memoryview(bytearray(nbytes))
-        self.buffers.add(buffer_id, view)
-        return view
-
-    def register(self, buffer_id: str, buffer: Any) -> None:
-        self.buffers.add(buffer_id, byte_view(buffer, writable=True))
-
-    def free(self, buffer_id: str) -> None:
-        self.buffers.remove(buffer_id)
 
     def expect(self, transfer_id: str, regions: Sequence[Region]) -> TransferHandle:
         for region in regions:

@@ -17,7 +17,7 @@ from typing import Any
 
 from common.dataplane.base import DataPlane, Region, Source, TransferHandle
 from common.dataplane.ledger import Ledger
-from common.dataplane.memory import BufferTable, byte_view
+from common.dataplane.memory import BufferTable, HostBuffers, byte_view
 
 log = logging.getLogger("epd.dataplane")
 
@@ -25,7 +25,7 @@ _planes: weakref.WeakValueDictionary[str, FakeDataPlane] = weakref.WeakValueDict
 _planes_lock = threading.Lock()
 
 
-class FakeDataPlane(DataPlane):
+class FakeDataPlane(HostBuffers, DataPlane):
     backend = "fake"
 
     def __init__(self, *, ttl: float = 60.0, max_remembered: int = 10_000, **_: Any) -> None:
@@ -43,24 +43,11 @@ class FakeDataPlane(DataPlane):
     def descriptor(self) -> dict[str, Any]:
         return {"backend": self.backend, "id": self.id}
 
-    def allocate(self, buffer_id: str, nbytes: int) -> memoryview:
-        if nbytes < 0:
-            raise ValueError(f"cannot allocate {nbytes} bytes")
-        view = memoryview(bytearray(nbytes))
-        self.buffers.add(buffer_id, view)
-        return view
-
-    def register(self, buffer_id: str, buffer: Any) -> None:
-        self.buffers.add(buffer_id, byte_view(buffer, writable=True))
-
     def expect(self, transfer_id: str, regions: Sequence[Region]) -> TransferHandle:
         for region in regions:
             if (problem := self.buffers.problem(region)) is not None:
                 raise ValueError(f"transfer {transfer_id!r}: {problem}")
         return self.ledger.expect(transfer_id, regions)
-
-    def free(self, buffer_id: str) -> None:
-        self.buffers.remove(buffer_id)
 
     def write(
         self, peer: dict[str, Any], transfer_id: str, items: Sequence[tuple[Source, Region]]

@@ -120,3 +120,23 @@ class BufferTable:
         if view is None or start < 0 or end < start or end > view.nbytes:
             return None
         return view[start:end]
+
+
+class HostBuffers:
+    """Destination memory in this process's heap, kept in `self.buffers` (a BufferTable): what every
+    backend whose bytes arrive through this process (fake, tcp, torchdist) allocates and adopts."""
+
+    buffers: BufferTable
+
+    def allocate(self, buffer_id: str, nbytes: int) -> memoryview:
+        if nbytes < 0:
+            raise ValueError(f"cannot allocate {nbytes} bytes")
+        view = memoryview(bytearray(nbytes))
+        self.buffers.add(buffer_id, view)
+        return view
+
+    def register(self, buffer_id: str, buffer: Any) -> None:
+        self.buffers.add(buffer_id, byte_view(buffer, writable=True))
+
+    def free(self, buffer_id: str) -> None:
+        self.buffers.remove(buffer_id)
