@@ -113,23 +113,10 @@ class Cluster:
             for role in i.info.roles:
                 depth = i.load.encode_queue if role == "E" else i.load.waiting
                 lines.append(f'epd_stage_queue_depth{{stage="{role}",instance="{i.id}"}} {depth}')
-        lines += [
-            "# HELP epd_stage_running Requests running at an instance (last heartbeat).",
-            "# TYPE epd_stage_running gauge",
-            *(f'epd_stage_running{{instance="{i.id}"}} {i.load.running}' for i in self.registry.instances.values()),
-            "# HELP epd_kv_free_blocks Free blocks of an instance's KV pool (last heartbeat).",
-            "# TYPE epd_kv_free_blocks gauge",
-            *(f'epd_kv_free_blocks{{instance="{i.id}"}} {i.load.free_kv_blocks}' for i in self.registry.instances.values()),
-            "# HELP epd_kv_total_blocks Blocks of an instance's KV pool.",
-            "# TYPE epd_kv_total_blocks gauge",
-            *(f'epd_kv_total_blocks{{instance="{i.id}"}} {i.load.total_kv_blocks}' for i in self.registry.instances.values()),
-            "# HELP epd_transfer_bytes Data-plane bytes moved by an instance (sent + received).",
-            "# TYPE epd_transfer_bytes counter",
-            *(f'epd_transfer_bytes{{instance="{i.id}"}} {i.load.transfer_bytes}' for i in self.registry.instances.values()),
-            "# HELP epd_transfer_seconds Data-plane seconds spent by an instance.",
-            "# TYPE epd_transfer_seconds counter",
-            *(f'epd_transfer_seconds{{instance="{i.id}"}} {i.load.transfer_seconds}' for i in self.registry.instances.values()),
-        ]  # fmt: skip
+        for name, kind, field_, help_ in _INSTANCE_GAUGES:
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+            for i in self.registry.instances.values():
+                lines.append(f'{name}{{instance="{i.id}"}} {getattr(i.load, field_)}')
         return ("\n".join(lines) + "\n").encode()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
@@ -296,6 +283,26 @@ class Cluster:
             message = f"the {_stage_name(stage)} instance {inst.id} serving this request {what}"
             flight.queue.put_nowait(BackendError(503, message))
         inst.inflight.clear()
+
+
+# per-instance figures from the last heartbeat: (metric, type, Load field, help)
+_INSTANCE_GAUGES = [
+    ("epd_stage_running", "gauge", "running", "Requests running at an instance (last heartbeat)."),
+    (
+        "epd_kv_free_blocks",
+        "gauge",
+        "free_kv_blocks",
+        "Free blocks of an instance's KV pool (last heartbeat).",
+    ),
+    ("epd_kv_total_blocks", "gauge", "total_kv_blocks", "Blocks of an instance's KV pool."),
+    (
+        "epd_transfer_bytes",
+        "counter",
+        "transfer_bytes",
+        "Data-plane bytes moved by an instance (sent + received).",
+    ),
+    ("epd_transfer_seconds", "counter", "transfer_seconds", "Data-plane seconds spent by an instance."),
+]
 
 
 def _stage_name(stage: str) -> str:
