@@ -75,7 +75,7 @@ def run_ours(model_dir: str, workload: list[BenchRequest], max_in_flight: int) -
 def _hf_batch_inputs(family, tokenizer, batch: list[BenchRequest]):
     import torch
 
-    from services.models.prompting import chat_prompt_ids
+    from common.prompting import chat_prompt_ids
 
     items = [family.preprocess(r.image) for r in batch]
     prompts = []

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from common.hashing import content_hash
 from common.media import MediaError, decode_data_uri, decode_image
+from common.vision_geometry import VisionGeometry
 from gateway.backend import ImageInput
 from gateway.errors import bad_request
-from services.models.vision_geometry import VisionGeometry
 
 
 class ImageLoader:

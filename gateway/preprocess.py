@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.prompting import expand_placeholders
 from common.sampling_params import SamplingParams
 from common.tokenizer import ChatTemplateError, TextTokenizer
+from common.vision_geometry import PREPROCESSOR_CONFIG, VisionGeometry
 from gateway.backend import GenerateRequest
 from gateway.config import GatewayConfig
 from gateway.errors import bad_request
@@ -25,8 +27,6 @@ from gateway.openai_api import (
     check_sampling_fields,
     sampling_params,
 )
-from services.models.prompting import expand_placeholders
-from services.models.vision_geometry import PREPROCESSOR_CONFIG, VisionGeometry
 
 IMAGE_TOKEN = "<|image_pad|>"
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k")

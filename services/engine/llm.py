@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from common.detokenizer import IncrementalDetokenizer
+from common.prompting import chat_prompt_ids
 from common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.inputs import ModelInputs
 from services.engine.sequence import FinishReason
 from services.models.loader import LoadedModel, load_model
-from services.models.prompting import chat_prompt_ids
 
 
 @dataclass(slots=True)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from common.prompting import chat_prompt_ids
 from services.models.loader import load_model
-from services.models.prompting import chat_prompt_ids
 from tests.reference import hf_greedy, make_image
 
 

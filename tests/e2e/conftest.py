@@ -7,8 +7,8 @@ import io
 
 import pytest
 
+from common.prompting import chat_prompt_ids
 from services.models.loader import load_model
-from services.models.prompting import chat_prompt_ids
 from tests.reference import hf_greedy, make_image
 
 QUESTION = "What is in this picture?"

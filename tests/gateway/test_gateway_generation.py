@@ -9,7 +9,7 @@ from gateway_helpers import chat_body, data_uri, image_part, png, sse_events
 from PIL import Image
 
 from common.hashing import content_hash
-from services.models.vision_geometry import VisionGeometry
+from common.vision_geometry import VisionGeometry
 
 pytestmark = pytest.mark.asyncio
 

@@ -10,12 +10,12 @@ import pytest
 
 from cli.stack import Stack, StackConfig
 from common.hashing import content_hash
+from common.prompting import chat_prompt_ids
 from common.sampling_params import SamplingParams
 from common.topology import parse_topology
+from common.vision_geometry import VisionGeometry
 from gateway.backend import GenerateRequest, ImageInput
 from services.models.loader import load_model
-from services.models.prompting import chat_prompt_ids
-from services.models.vision_geometry import VisionGeometry
 from tests.reference import hf_greedy, make_image
 
 

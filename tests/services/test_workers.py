@@ -10,6 +10,7 @@ import torch
 
 from common.dataplane import create_dataplane
 from common.hashing import content_hash
+from common.prompting import chat_prompt_ids
 from common.protocol import Abort, Encode, KvReserve, MMItem, MMRef, Prefill
 from common.sampling_params import SamplingParams
 from services.decode.worker import DecodeWorker
@@ -18,7 +19,6 @@ from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.kv_cache import KVLayout
 from services.models.loader import load_model
-from services.models.prompting import chat_prompt_ids
 from services.prefill.worker import PrefillWorker
 from tests.reference import hf_greedy, make_image
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.prompting import chat_prompt_ids
 from common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.llm import LLM
 from services.engine.stages import DecodeStage, EncodeStage, PrefillRequest, PrefillStage
 from services.models.loader import load_model
-from services.models.prompting import chat_prompt_ids
 from tests.reference import hf_greedy, make_image, max_logit_diff
 
 TOL = 1e-4

@@ -3,6 +3,8 @@
 A chat template renders one `<|image_pad|>` per image; the model needs one per feature row the encoder
 makes for that image, a count known from the image's size alone (see `vision_geometry`). Expanding here,
 without torch, is what lets the gateway tokenize and route a request before any encoder has run.
+The engine, the benchmarks and the tests render prompts with the same helpers, so the module lives in
+`common/`: the gateway imports nothing from `services/`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
-from services.models.vision_geometry import (
+from common.vision_geometry import (
     VisionGeometry,
     image_grid_thw,
     num_image_tokens,
@@ -97,7 +97,7 @@ def test_rejects_extreme_aspect_ratio_like_transformers() -> None:
 
 def test_imports_no_torch() -> None:
     code = (
-        "import sys, json; import services.models.vision_geometry; "
+        "import sys, json; import common.vision_geometry; "
         "print(json.dumps([m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

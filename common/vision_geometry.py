@@ -5,7 +5,8 @@ prompt's length) before any encoder sees the image. Importing torch or transform
 seconds of start-up and hundreds of MB, so this module re-implements the few lines of Qwen2-VL's resize
 rule in plain Python. Tests compare it with `Qwen2VLImageProcessorPil` on many sizes.
 
-Only the standard library is imported here; keep it that way.
+Only the standard library is imported here; keep it that way. It sits in `common/`, not with the model
+families, because the gateway imports nothing from `services/`.
 """
 
 from __future__ import annotations
