@@ -1,8 +1,13 @@
-"""Load a Hugging Face checkpoint from a local folder, through transformers' own loading code.
+"""Load a Hugging Face checkpoint from a local folder, the parts of it that a process's roles need.
 
 The folder must hold config.json, safetensors weights and a tokenizer, as `save_pretrained` writes them
 (`epd-serve make-tiny-model` builds such folders offline). Anything else is refused with a message that
 says what is wrong, before any weight is read.
+
+A process with both the vision tower and the language model to run (roles with E and P or D) loads the
+whole model through transformers' `from_pretrained`. One with E only builds the vision tower alone, one
+without E the language model alone (services/models/stage_weights.py): the other part's weights are
+never read.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.models.registry import SUPPORTED_MODEL_TYPES, family_class
+from services.models.stage_weights import TEXT, VISION, StageWeightsError, load_parts, parts_for_roles
 
 
 class ModelLoadError(ValueError):
@@ -26,6 +32,7 @@ class LoadedModel:
     family: Any  # the family adapter (e.g. Qwen2VLFamily)
     tokenizer: Any
     eos_token_ids: list[int]
+    parts: frozenset[str] = frozenset({VISION, TEXT})  # what was loaded: "vision", "text"
 
     @property
     def name(self) -> str:
@@ -69,12 +76,24 @@ def _eos_ids(folder: Path, tokenizer: Any) -> list[int]:
 
 
 def load_model(
-    path: str | Path, *, device: str = "cpu", dtype: str | None = None, attention: str | None = None
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    attention: str | None = None,
+    roles: str = "EPD",
 ) -> LoadedModel:
     """Load weights, tokenizer and image processor; `attention` names the text attention implementation
-    (default: the engine's paged attention; "sdpa" gives transformers' stock model for references)."""
+    (default: the engine's paged attention; "sdpa" gives transformers' stock model for references).
+
+    `roles` (some of "EPD") says which weights: the vision tower for E, the language model, embeddings
+    and lm_head for P and D."""
     model_type = read_model_type(path)
     folder = Path(path).resolve()
+    try:
+        parts = parts_for_roles(roles)
+    except StageWeightsError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
@@ -86,13 +105,21 @@ def load_model(
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
     if device.startswith("npu"):
         import torch_npu  # noqa: F401  (registers the device; only when asked for)
-    model = AutoModelForImageTextToText.from_pretrained(
-        folder,
-        dtype=torch_dtype,
-        attn_implementation={"text_config": attention, "vision_config": "sdpa", "": "sdpa"},
-    )
-    model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     cls = family_class(model_type)
+    attn = {"text_config": attention, "vision_config": "sdpa", "": "sdpa"}
+    if parts == {VISION, TEXT}:
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, dtype=torch_dtype, attn_implementation=attn
+        )
+        model.to(device).eval()
+    else:
+        try:
+            model = load_parts(
+                folder, parts, part_modules=cls.part_modules, renames=cls.checkpoint_renames,
+                dtype=torch_dtype, device=device, attn_implementation=attn,
+            )  # fmt: skip
+        except StageWeightsError as exc:
+            raise ModelLoadError(f"cannot load {folder} for roles {roles}: {exc}") from exc
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     family = cls(model, cls.load_image_processor(str(folder)))
-    return LoadedModel(folder, model_type, family, tokenizer, _eos_ids(folder, tokenizer))
+    return LoadedModel(folder, model_type, family, tokenizer, _eos_ids(folder, tokenizer), parts)
