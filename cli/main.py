@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "up": "cli.up",
     "serve": "cli.serve",
     "gateway": "cli.gateway",
+    "health": "cli.health",
     "bench": "cli.bench",
     "bench-dataplane": "cli.bench_dataplane",
     "ask": "cli.ask",

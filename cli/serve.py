@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cli.engine_options import add_engine_arguments
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -21,15 +23,15 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="checkpoint folder")
     p.add_argument("--dataplane", default="auto", help="auto (default), shm, tcp, torchdist")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, npu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda, cuda:N, npu, or auto (cuda when one is visible, else cpu)")  # fmt: skip
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, else bfloat16)")
     p.add_argument("--bind-host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--advertise-host", default="", help="name peers reach this process by (default: the "
                    "bind address, or the hostname when binding 0.0.0.0)")  # fmt: skip
-    p.add_argument("--instance-id", default="", help="a name for this instance (default: generated)")
-    p.add_argument(
-        "--kv-cache-memory", type=int, default=256, metavar="MiB", help="KV pool size (default 256)"
-    )
+    p.add_argument("--instance-id", default="", help="a name for this instance; {hostname} is replaced "
+                   "by this host's name, e.g. decode-{hostname} (default: generated)")  # fmt: skip
+    add_engine_arguments(p, stack=False)
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoding at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
@@ -46,21 +48,34 @@ def parse_cpus(text: str) -> set[int]:
     return cpus
 
 
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when torch sees a CUDA device, else cpu (npu is only used when asked for: its
+    runtime changes how torch imports); anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from cli.health import expand_instance_id
     from services.host import HostConfig, serve
 
     if args.cpus:
         os.sched_setaffinity(0, parse_cpus(args.cpus))
+    kv_bytes = None if args.kv_cache_memory is None else args.kv_cache_memory * 2**20
     try:
         config = HostConfig(
             roles=args.roles, model_dir=args.model, gateway_address=args.gateway, dataplane=args.dataplane,
-            device=args.device, dtype=args.dtype, bind_host=args.bind_host,
-            advertise_host=args.advertise_host, instance_id=args.instance_id,
-            kv_cache_memory=args.kv_cache_memory * 2**20, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            threads=args.threads,
+            device=resolve_device(args.device), dtype=args.dtype, bind_host=args.bind_host,
+            advertise_host=args.advertise_host, instance_id=expand_instance_id(args.instance_id),
+            kv_cache_memory=kv_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
+            attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len, threads=args.threads,
         )  # fmt: skip
     except ValueError as exc:
         print(f"epd-serve serve: error: {exc}", file=sys.stderr)

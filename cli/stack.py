@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.placement import Placement, place
 from common.log import get_logger
 from common.topology import Topology
 
@@ -33,7 +35,12 @@ class StackConfig:
     control_host: str = ""  # default: host (127.0.0.1 when host is a wildcard)
     device: str = "cpu"
     dtype: str | None = None
-    kv_cache_memory: int = 256  # MiB per process
+    kv_cache_memory: int | None = None  # MiB per process; None: sized from the device (256 MiB on cpu)
+    gpu_memory_utilization: float = 0.9  # share of each device, split among the processes placed on it
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    devices: list[int] | None = None  # device indices, round-robin in topology order; None: [0]
+    devices_for: list[tuple[str, list[int]]] = field(default_factory=list)  # (roles, indices)
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -67,20 +74,36 @@ class Stack:
         self.config = config
         self.children: list[subprocess.Popen | None] = []
         self.commands: list[list[str]] = []
+        # checked before anything starts: a bad device list is a usage error, not a crashed child
+        self.placements: list[Placement] = (
+            []
+            if config.topology is None
+            else place(
+                config.topology.processes(), config.device, config.devices, config.devices_for, os.environ
+            )
+        )
+        # per child: this environment plus its visible-devices variable; None (on cpu): this one as is
+        self.envs = [{**os.environ, **p.env} if p.env else None for p in self.placements]
         self.cluster = None
         self.runner = None
         self._supervisor: asyncio.Task | None = None
 
     def serve_command(self, index: int, roles: str, gateway: str) -> list[str]:
+        """The `epd-serve serve` command of process `index` (its device comes from its placement)."""
         c = self.config
+        where = self.placements[index]
+        share = c.gpu_memory_utilization / where.sharing
         cmd = [
             sys.executable, "-m", "cli.main", "serve", "--roles", roles, "--gateway", gateway,
-            "--model", c.model_dir, "--dataplane", c.dataplane, "--device", c.device,
+            "--model", c.model_dir, "--dataplane", c.dataplane, "--device", where.device,
             "--bind-host", c.host if c.host not in ("0.0.0.0", "::") else "127.0.0.1",
-            "--kv-cache-memory", str(c.kv_cache_memory), "--max-num-seqs", str(c.max_num_seqs),
-            "--max-num-batched-tokens", str(c.max_num_batched_tokens),
+            "--kv-cache-memory", "auto" if c.kv_cache_memory is None else str(c.kv_cache_memory),
+            "--gpu-memory-utilization", f"{share:.6g}", "--attention-backend", c.attention_backend,
+            "--max-num-seqs", str(c.max_num_seqs), "--max-num-batched-tokens", str(c.max_num_batched_tokens),
             "--threads", str(c.threads), "--instance-id", f"{roles.lower()}{index}",
         ]  # fmt: skip
+        if c.enforce_eager:
+            cmd.append("--enforce-eager")
         if c.dtype:
             cmd += ["--dtype", c.dtype]
         if c.max_model_len:
@@ -119,7 +142,9 @@ class Stack:
         c = self.config
         assert self.cluster is not None and c.topology is not None
         for i, roles in enumerate(c.topology.processes()):
+            where = self.placements[i]
             self.commands.append(self.serve_command(i, roles, self.cluster.address))
+            log.info("placing stage process", index=i, roles=roles, on=where.describe())
             self.children.append(self._spawn(i))
         t0 = time.monotonic()
         ready = asyncio.create_task(self.cluster.wait_for(c.topology.role_counts(), c.ready_timeout))
@@ -135,7 +160,8 @@ class Stack:
         log.info("stages ready", topology=str(c.topology), seconds=round(time.monotonic() - t0, 1))
 
     def _spawn(self, index: int) -> subprocess.Popen:
-        return subprocess.Popen(self.commands[index], preexec_fn=_die_with_parent)  # noqa: PLW1509
+        cmd, env = self.commands[index], self.envs[index]
+        return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
 
     async def _supervise(self) -> None:
         while True:

@@ -3,7 +3,8 @@
 The gateway runs in this process (it never imports torch); every stage process is a child started as
 `epd-serve serve ...`, exactly the command a compose file runs. Children die with this process (even
 if it is killed with -9: they ask the kernel for a signal when their parent dies), and a child that
-exits unexpectedly is started again, so a crashed instance rejoins by itself.
+exits unexpectedly is started again, so a crashed instance rejoins by itself. On accelerators each
+child sees only the device it is placed on (`--devices`, `--devices-for`: cli/placement.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from cli.engine_options import add_engine_arguments
 
 
 def add_parser(subparsers) -> None:
@@ -31,9 +34,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--control-port", type=int, default=0, help="gateway control port (default: any free)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, npu")
-    p.add_argument("--dtype", help="float32, bfloat16, float16")
-    p.add_argument("--kv-cache-memory", type=int, default=256, metavar="MiB", help="KV pool per process")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, npu (which ones: --devices)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, else bfloat16)")
+    add_engine_arguments(p, stack=True)
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoding at once per process")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -53,6 +56,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from cli.placement import place
     from cli.stack import Stack, StackConfig, build_tiny_model
     from common.log import configure_logging
     from common.topology import parse_topology
@@ -60,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     configure_logging("up")
     try:
         topology = parse_topology(args.topology)
+        # where each process goes is checked before anything is built or started
+        place(topology.processes(), args.device, args.devices, args.devices_for, os.environ)
     except ValueError as exc:
         print(f"epd-serve up: error: {exc}", file=sys.stderr)
         return 2
@@ -81,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     config = StackConfig(
         model_dir=model, topology=topology, dataplane=args.dataplane, host=args.host, port=args.port,
         control_port=args.control_port, device=args.device, dtype=args.dtype,
-        kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+        devices=args.devices, devices_for=args.devices_for, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         threads=args.threads or max(1, cores // n), cpus=cpus,
         allowed_local_media_dirs=args.allowed_local_media_path, ready_timeout=args.ready_timeout,

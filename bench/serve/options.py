@@ -1,13 +1,16 @@
 """The command line of `epd-serve bench`: arguments and the parsers of their list values.
 
 Kept apart from the runner so that `epd-serve --help` builds every parser without importing aiohttp,
-numpy or the gateway: this module imports only argparse and math.
+numpy or the gateway: this module imports only argparse, math and the engine flags that `epd-serve up`
+shares with it (plain argparse too).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+
+from cli.engine_options import add_engine_arguments
 
 
 def rates(text: str) -> list[float]:
@@ -106,8 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     stack.add_argument("--cpus", action="append", default=[], metavar="LIST",
                        help="CPUs of the n-th process, e.g. --cpus 0 --cpus 1 (repeat per process)")
     stack.add_argument("--pin", action="store_true", help="pin each process to its own cores (round robin)")
-    stack.add_argument("--kv-cache-memory", type=int, default=256, metavar="MiB",
-                       help="KV pool per process (256)")
+    add_engine_arguments(stack, stack=True)
     stack.add_argument("--max-num-seqs", type=int, default=64, metavar="N",
                        help="most requests decoding at once per process (64)")
     stack.add_argument("--ready-timeout", type=float, default=180.0, metavar="S",

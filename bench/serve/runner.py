@@ -37,6 +37,7 @@ from bench.serve.report import add_ratios, format_tables, write_json
 from bench.serve.target import (
     Server,
     StackOptions,
+    applicable,
     build_tiny_model,
     is_loopback,
     served_model,
@@ -71,6 +72,10 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--duration and --request-timeout must be positive"
     if args.base_url and not args.allow_remote and not is_loopback(args.base_url):
         return f"{args.base_url} is not a loopback address; pass --allow-remote to load it anyway"
+    if not args.base_url:
+        error = _check_placement(args)
+        if error:
+            return error
     if args.plot_dir and importlib.util.find_spec("matplotlib") is None:
         return (
             "--plot-dir needs matplotlib: pip install 'epd-serve[bench]'"  # say so before, not after, a run
@@ -79,6 +84,25 @@ def _check(args: argparse.Namespace) -> str | None:
         dataset_config(args)
     except ValueError as exc:
         return str(exc)
+    return None
+
+
+def _check_placement(args: argparse.Namespace) -> str | None:
+    """Every topology's placement, before the first one starts. A --devices-for list applies to the
+    topologies that have such processes, and must apply to one at least."""
+    from cli.placement import place
+    from common.topology import parse_topology
+
+    names = args.topologies or DEFAULT_TOPOLOGIES
+    processes = {name: parse_topology(name).processes() for name in names}
+    for roles, _ in args.devices_for:
+        if not any(roles in procs for procs in processes.values()):
+            return f"--devices-for {roles}: no process of {', '.join(names)} hosts exactly the roles {roles}"
+    for name, procs in processes.items():
+        try:
+            place(procs, args.device, args.devices, applicable(args.devices_for, procs), os.environ)
+        except ValueError as exc:
+            return f"topology {name}: {exc}"
     return None
 
 
@@ -150,6 +174,8 @@ async def bench(args: argparse.Namespace, model_dir: str | None) -> dict[str, An
     options = StackOptions(
         model_dir=model_dir or "", dataplane=args.dataplane, device=args.device, dtype=args.dtype,
         threads=args.threads, cpus=list(args.cpus), pin=args.pin, kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager, devices=args.devices, devices_for=list(args.devices_for),
         max_num_seqs=args.max_num_seqs, ready_timeout=args.ready_timeout,
     )  # fmt: skip
     targets: list[tuple[str, Callable[[], Any]]]

@@ -61,7 +61,12 @@ class StackOptions:
     threads: int | None = None  # per process; None: cores / processes
     cpus: list[str] = field(default_factory=list)  # per process, in topology order
     pin: bool = False  # round-robin cores per process when cpus is empty
-    kv_cache_memory: int = 256  # MiB per process
+    kv_cache_memory: int | None = None  # MiB per process; None: sized from the device
+    gpu_memory_utilization: float = 0.9  # of each device, split among the processes placed on it
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    devices: list[int] | None = None  # accelerator indices, round-robin; None: [0]
+    devices_for: list[tuple[str, list[int]]] = field(default_factory=list)  # (roles, indices)
     max_num_seqs: int = 64
     ready_timeout: float = 180.0
 
@@ -113,6 +118,11 @@ def _cpus_for(options: StackOptions, processes: int) -> list[str]:
     return [",".join(str((i * per + k) % cores) for k in range(per)) for i in range(processes)]
 
 
+def applicable(devices_for: list[tuple[str, list[int]]], processes: list[str]) -> list[tuple[str, list[int]]]:
+    """The --devices-for lists that name processes of this topology (a run compares several)."""
+    return [(roles, devices) for roles, devices in devices_for if roles in processes]
+
+
 @contextlib.asynccontextmanager
 async def topology_server(topology: str, options: StackOptions) -> AsyncIterator[Server]:
     """Start `topology` on a free loopback port, yield it, stop it (always, even on errors)."""
@@ -125,6 +135,9 @@ async def topology_server(topology: str, options: StackOptions) -> AsyncIterator
     config = StackConfig(
         model_dir=options.model_dir, topology=topo, dataplane=options.dataplane, host="127.0.0.1",
         port=port, device=options.device, dtype=options.dtype, kv_cache_memory=options.kv_cache_memory,
+        gpu_memory_utilization=options.gpu_memory_utilization, attention_backend=options.attention_backend,
+        enforce_eager=options.enforce_eager, devices=options.devices,
+        devices_for=applicable(options.devices_for, topo.processes()),
         max_num_seqs=options.max_num_seqs, threads=options.threads or max(1, (os.cpu_count() or 1) // n),
         cpus=_cpus_for(options, n), ready_timeout=options.ready_timeout, restart=False,
     )  # fmt: skip

@@ -1,0 +1,68 @@
+"""The engine and placement flags that `up`, `serve` and `bench` share, declared once.
+
+`serve` runs one process, so its --gpu-memory-utilization is that process's share of its device
+(as in vLLM). `up` and `bench` start several processes that may share a device, so theirs is the
+share of each device that the processes placed on it use together: each gets an equal part.
+Only argparse here: `epd-serve --help` builds every parser without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cli.placement import devices_arg, role_devices_arg
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")  # services/engine/attention/registry.py BACKEND_NAMES
+CPU_KV_CACHE_MIB = 256  # what "auto" means on cpu
+
+
+def kv_cache_mib(text: str) -> int | None:
+    """'512' -> 512 (MiB); 'auto' -> None (sized from the device)."""
+    if text.strip().lower() == "auto":
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"bad --kv-cache-memory {text!r}: a whole number of MiB, or auto")
+    return int(text)
+
+
+def memory_fraction(text: str) -> float:
+    """A share of device memory: 0 < F <= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"bad --gpu-memory-utilization {text!r}: a fraction above 0 and at most 1, e.g. 0.9"
+        )
+    return value
+
+
+def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, stack: bool) -> None:
+    """--kv-cache-memory, --gpu-memory-utilization, --attention-backend, --enforce-eager; with
+    `stack` (up, bench) the memory share is per device and --devices/--devices-for come too."""
+    each = "per process, " if stack else ""
+    p.add_argument("--kv-cache-memory", type=kv_cache_mib, default=None, metavar="MiB",
+                   help=f"KV pool {each}in MiB, or auto (default auto: what the device has left under "
+                        f"--gpu-memory-utilization on accelerators, {CPU_KV_CACHE_MIB} MiB on cpu)")  # fmt: skip
+    if stack:
+        share = ("share of each accelerator's memory for weights, activations and KV, split equally "
+                 "among the processes placed on it")  # fmt: skip
+    else:
+        share = "share of the accelerator's memory this process may use for weights, activations and KV"
+    p.add_argument("--gpu-memory-utilization", type=memory_fraction, default=0.9, metavar="F",
+                   help=f"{share} (default 0.9; 0 < F <= 1)")  # fmt: skip
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="attention kernels: auto (default: flex on CUDA, sdpa elsewhere), sdpa (SDPA "
+                        "over gathered blocks, the reference), flex (FlexAttention over the block pool)")  # fmt: skip
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs for decode steps and no compiled attention kernels, for "
+                        "debugging (default: graphs and compiled kernels where the device has them)")  # fmt: skip
+    if stack:
+        p.add_argument("--devices", type=devices_arg, default=None, metavar="LIST",
+                       help="accelerator indices the stage processes are placed on round-robin in "
+                            "topology order, e.g. 0,1,2 (default 0: every process shares one device)")  # fmt: skip
+        p.add_argument("--devices-for", type=role_devices_arg, action="append", default=[],
+                       metavar="ROLES=LIST",
+                       help="devices of the processes hosting exactly ROLES, round-robin, e.g. "
+                            "--devices-for D=1,2 --devices-for EP=0 (repeatable; default: --devices)")  # fmt: skip
