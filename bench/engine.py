@@ -7,14 +7,17 @@ Workload: N requests, each one image and a short prompt, output lengths drawn un
     running until its longest member is done (the slots of finished members are wasted);
   - transformers, sequential: one request at a time.
 Each run covers the whole path from a PIL image to tokens (preprocessing, encoder, prefill, decode).
-The figure of merit is useful output tokens per second: the tokens each request asked for.
+The figure of merit is useful output tokens per second: the tokens each request asked for. Ours runs
+once per attention backend (`--backends`), all side by side in one run.
 
-    python -m bench.engine [--model DIR] [--num-requests 64] [--max-in-flight 16]
+    python -m bench.engine [--model DIR] [--num-requests 64] [--max-in-flight 16] [--backends sdpa,flex]
+        [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import time
@@ -52,12 +55,26 @@ def build_workload(n: int, min_out: int, max_out: int, image_size: int, seed: in
     return out
 
 
-def run_ours(model_dir: str, workload: list[BenchRequest], max_in_flight: int) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run_ours(
+    model_dir: str, workload: list[BenchRequest], max_in_flight: int, backend: str = "auto",
+    device: str = "cpu", dtype: str | None = None,
+) -> float:  # fmt: skip
     from common.sampling_params import SamplingParams
     from services.engine.config import EngineConfig
     from services.engine.llm import LLM
 
-    llm = LLM(model_dir, EngineConfig(max_num_seqs=max_in_flight, max_model_len=4096))
+    config = EngineConfig(max_num_seqs=max_in_flight, max_model_len=4096, attention_backend=backend)
+    if device == "cpu":
+        config.kv_cache_memory = 512 * 2**20
+    llm = LLM(model_dir, config, device=device, dtype=dtype)
+    _sync(device)
     start = time.perf_counter()
     pending = list(workload)
     done = 0
@@ -69,6 +86,7 @@ def run_ours(model_dir: str, workload: list[BenchRequest], max_in_flight: int) -
             llm.submit(llm.prepare(r.prompt, [r.image]), params)
         done += len(llm.step())
     assert done == len(workload)
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -96,27 +114,37 @@ def _hf_batch_inputs(family, tokenizer, batch: list[BenchRequest]):
     }
 
 
-def run_hf(model_dir: str, workload: list[BenchRequest], batch_size: int) -> float:
+def run_hf(
+    model_dir: str,
+    workload: list[BenchRequest],
+    batch_size: int,
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> float:
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from services.models.qwen2_vl import Qwen2VLFamily
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     family = Qwen2VLFamily(model, Qwen2VLFamily.load_image_processor(model_dir))
     start = time.perf_counter()
     for i in range(0, len(workload), batch_size):
         batch = workload[i : i + batch_size]
         longest = max(r.output_len for r in batch)
+        inputs = {k: v.to(device) for k, v in _hf_batch_inputs(family, tokenizer, batch).items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
         with torch.inference_mode():
             model.generate(
-                **_hf_batch_inputs(family, tokenizer, batch),
+                **inputs,
                 max_new_tokens=longest,
                 min_new_tokens=longest,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -138,6 +166,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-sequential", action="store_true", help="skip the one-by-one reference")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best counts")
     parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, npu")
+    parser.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, else bfloat16)")
+    parser.add_argument("--backends", help="attention backends of ours, comma-separated (default: every "
+                        "backend the device runs: sdpa,flex on cpu and cuda, sdpa on npu)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,19 +187,28 @@ def run(args: argparse.Namespace) -> int:
         f"{args.image_size}px images, {torch.get_num_threads()} torch threads, model {model_dir}"
     )
 
-    # warm-up: one short run of each path so that first-call costs are not counted
-    warm = build_workload(2, 4, 4, args.image_size, args.seed + 1)
-    run_ours(model_dir, warm, 2)
-    run_hf(model_dir, warm, 2)
+    dev, dtype = args.device, args.dtype
+    backends = (args.backends or ("sdpa" if dev.startswith("npu") else "sdpa,flex")).split(",")
+    # warm-up: a short run of each path so that first-call costs (kernel compilation for every step
+    # size bucket of the workload) are not counted
+    warm = build_workload(min(len(workload), 2 * args.max_in_flight), 4, 8, args.image_size, args.seed + 1)
+    for backend in backends:
+        run_ours(model_dir, warm, args.max_in_flight, backend, dev, dtype)
+    run_hf(model_dir, warm[:2], 2, dev, dtype)
 
     runs = {
-        "ours (continuous batching)": lambda: run_ours(model_dir, workload, args.max_in_flight),
-        f"transformers generate, padded batches of {args.max_in_flight}": lambda: run_hf(
-            model_dir, workload, args.max_in_flight
-        ),
+        f"ours, {backend} attention": functools.partial(
+            run_ours, model_dir, workload, args.max_in_flight, backend, dev, dtype
+        )
+        for backend in backends
     }
+    runs[f"transformers generate, padded batches of {args.max_in_flight}"] = functools.partial(
+        run_hf, model_dir, workload, args.max_in_flight, dev, dtype
+    )
     if not args.skip_sequential:
-        runs["transformers generate, one by one"] = lambda: run_hf(model_dir, workload, 1)
+        runs["transformers generate, one by one"] = functools.partial(
+            run_hf, model_dir, workload, 1, dev, dtype
+        )
     # interleaved repeats, best of each: a busy neighbour on a small machine only ever adds time
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
@@ -175,19 +216,21 @@ def run(args: argparse.Namespace) -> int:
             times[name].append(fn())
     results = {name: min(ts) for name, ts in times.items()}
 
-    ours = results["ours (continuous batching)"]
-    print(f"\n{'run':<48} {'seconds':>8} {'useful tok/s':>13} {'ours is':>9}")
+    ours = min(results[f"ours, {backend} attention"] for backend in backends)  # our best backend
+    print(f"\n{'run':<48} {'seconds':>8} {'useful tok/s':>13} {'best ours is':>13}")
     report = {
         "requests": len(workload),
         "useful_tokens": useful,
         "image_size": args.image_size,
         "max_in_flight": args.max_in_flight,
         "threads": torch.get_num_threads(),
+        "device": dev,
+        "dtype": dtype,
         "runs": {},
     }
     for name, seconds in results.items():
         rate = useful / seconds
-        print(f"{name:<48} {seconds:8.2f} {rate:13.1f} {seconds / ours:8.2f}x")
+        print(f"{name:<48} {seconds:8.2f} {rate:13.1f} {seconds / ours:12.2f}x")
         report["runs"][name] = {
             "seconds": seconds,
             "all_seconds": times[name],

@@ -58,7 +58,7 @@ class Cluster:
         prefill_deadline_s: float = 30.0,
     ) -> None:
         self.model_name = model_name
-        self.max_model_len = max_model_len
+        self._max_model_len = max_model_len  # from the checkpoint's config or the command line
         self.registry = Registry(model_name, heartbeat_timeout)
         self.heartbeat_interval = heartbeat_interval
         self.prefill_deadline_s = prefill_deadline_s
@@ -99,6 +99,13 @@ class Cluster:
         return False
 
     # ---- the Backend interface -------------------------------------------------------------------
+
+    @property
+    def max_model_len(self) -> int:
+        """The configured context, lowered to what the live instances hold: an engine caps its context
+        at its KV pool, and a prompt over it is refused here (400) rather than failing at a stage."""
+        live = self.registry.max_model_len()
+        return self._max_model_len if live is None else min(self._max_model_len, live)
 
     def health(self) -> tuple[bool, dict]:
         counts = self.registry.counts()

@@ -104,5 +104,15 @@ class Registry:
         while len(self._encoded_at) > self._affinity_size:
             self._encoded_at.popitem(last=False)
 
+    def max_model_len(self) -> int | None:
+        """The shortest context a live prefill or decode instance reported (each caps it at what its KV
+        pool holds), so that any placement can hold a request; None before any has reported one."""
+        lens = [
+            i.info.max_model_len
+            for i in self.instances.values()
+            if i.info.max_model_len and set(i.info.roles) & {"P", "D"}
+        ]
+        return min(lens, default=None)
+
     def counts(self) -> dict[str, int]:
         return {role: len(self.with_role(role)) for role in "EPD"}

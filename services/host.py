@@ -47,7 +47,10 @@ class HostConfig:
     bind_host: str = "127.0.0.1"
     advertise_host: str = ""  # how peers reach this process; default: bind_host, or the hostname for 0.0.0.0
     instance_id: str = ""
-    kv_cache_memory: int = 256 * 2**20
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None: sized from the device (memory.py)
+    gpu_memory_utilization: float = 0.9  # share of an accelerator's memory this process may use
+    attention_backend: str = "auto"  # auto, sdpa, flex (services/engine/attention/)
+    enforce_eager: bool = False  # no CUDA graphs, no compiled attention kernels (debugging)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -99,7 +102,7 @@ class Host:
         if c.threads:
             torch.set_num_threads(c.threads)
         self.io.start()
-        model = load_model(c.model_dir, device=c.device, dtype=c.dtype)
+        model = load_model(c.model_dir, device=c.device, dtype=c.dtype, roles=c.roles)
         self.model = model
         fam = model.family
         backend = resolve_backend(c.dataplane, same_host=True)
@@ -107,16 +110,16 @@ class Host:
         roles = c.roles
         if "P" in roles or "D" in roles:
             ecfg = EngineConfig(
-                kv_cache_memory=c.kv_cache_memory, max_num_seqs=c.max_num_seqs,
-                max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=c.max_model_len,
+                kv_cache_memory=c.kv_cache_memory, gpu_memory_utilization=c.gpu_memory_utilization,
+                max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+                max_model_len=c.max_model_len, attention_backend=c.attention_backend,
+                enforce_eager=c.enforce_eager,
             )  # fmt: skip
             kv_buffer = None
             if "D" in roles and "P" not in roles:  # the pool lives in data-plane memory: prefill writes it
-                from services.engine.kv_cache import KVLayout
+                from services.engine.memory import size_kv_pool
 
-                layout = KVLayout(fam.num_layers, fam.num_kv_heads, fam.head_dim, fam.dtype)
-                block_bytes = layout.token_bytes() * ecfg.block_size  # one block, all layers, K and V
-                nbytes = (c.kv_cache_memory // block_bytes) * block_bytes
+                nbytes = size_kv_pool(fam, ecfg).nbytes  # the engine takes its size from the buffer
                 kv_buffer = torch.frombuffer(self.dataplane.allocate("kv", nbytes), dtype=torch.uint8)
             prefill_only = "P" in roles and "D" not in roles
             self.engine = Engine(
@@ -181,7 +184,7 @@ class Host:
         e = self.engine
         load = Load(encode_queue=self.encode.queue_depth if self.encode else 0)
         if e is not None:
-            load.waiting = len(e.scheduler.waiting) + len(e.scheduler.swapped)
+            load.waiting = len(e.scheduler.waiting) + len(e.scheduler.swapped) + len(e.scheduler.arrived)
             load.running = len(e.scheduler.running)
             load.free_kv_blocks = e.block_manager.num_free_blocks
             load.total_kv_blocks = e.block_manager.num_blocks

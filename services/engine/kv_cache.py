@@ -6,8 +6,11 @@ single buffer, a data plane can place it wherever it likes (shared memory, regis
 hand it in.
 
 Exports are token-major (`[layers, 2, num_tokens, kv_heads, head_dim]`): independent of block size and
-block ids, they are what a swapped-out sequence keeps in host memory and what a prefill stage hands to
-a decode stage as raw bytes.
+block ids, they are what a swapped-out sequence keeps in host memory. (A prefill stage hands its KV to
+a decode stage block by block, at the offsets `block_offset` defines, straight into the decode pool.)
+
+The pool's last block is a scratch block no sequence owns: rows a step is padded with (static shapes
+for compiled kernels and CUDA graphs) write their keys and values there.
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ class KVCache:
         """Bytes of one block of one layer's keys (or values)."""
         return self.pool[0, 0, 0].numel() * self.pool.element_size()
 
+    @property
+    def scratch_slot(self) -> int:
+        """The pool's last slot, where padding rows of a step write their keys and values. The engine
+        keeps the last block out of its block manager, so no sequence ever reads it."""
+        return self.num_blocks * self.block_size - 1
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value slots of one layer: [num_blocks * block_size, kv_heads, head_dim] each."""
         return self._flat[index]
@@ -105,18 +114,6 @@ class KVCache:
         flat = self.pool.view(self.layout.num_layers, 2, -1, self.layout.num_kv_heads, self.layout.head_dim)
         flat.index_copy_(2, slots, data.to(device=self.device, dtype=self.layout.dtype))
 
-    def to_bytes(self, data: torch.Tensor) -> bytes:
-        """Raw bytes of a token-major export (what crosses a process boundary)."""
-        return data.contiguous().view(torch.uint8).numpy().tobytes()
-
-    def from_bytes(self, payload: bytes | memoryview, num_tokens: int) -> torch.Tensor:
-        shape = self.layout.export_shape(num_tokens)
-        expected = self.layout.token_bytes() * num_tokens
-        if len(payload) != expected:
-            raise ValueError(f"KV payload is {len(payload)} bytes, {num_tokens} tokens need {expected}")
-        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        return raw.view(self.layout.dtype).view(shape)
-
 
 class HostSwapper:
     """Swaps sequences between the pool and host memory (the scheduler's `KVSwapper`)."""
@@ -128,7 +125,6 @@ class HostSwapper:
         seq.swapped_kv = self.kv.export_tokens(seq.block_table, seq.num_computed_tokens)
 
     def swap_in(self, seq: Sequence) -> None:
-        # a sequence whose KV was written into its reserved blocks by a data plane brings no host copy
         if seq.swapped_kv is not None and seq.num_computed_tokens:
             self.kv.import_tokens(seq.block_table, seq.swapped_kv)
         seq.swapped_kv = None

@@ -1,8 +1,10 @@
 """Turn one scheduled step into tensors, run the model, sample.
 
 A step is a packed batch: the one-token decode rows first, then the prefill chunks, all in a single
-sequence of T tokens. Per-step metadata (slot mapping, decode gathers, masks) is built here once,
-vectorised over the step, and shared by every layer.
+sequence of T tokens (padded to what the attention backend wants for static shapes). Its layout (rows,
+positions, slots, block tables) is built here once, on the host and vectorised, and copied to the device
+in a few transfers; the attention backend turns it into its own per-step state, shared by every layer.
+Decode-only steps replay a CUDA graph when the engine has captured them (`decode_graphs.py`).
 """
 
 from __future__ import annotations
@@ -13,13 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.attention import AttentionMetadata, PrefillSpan
+from services.engine.attention import AttentionMetadata, StepLayout, create_backend
+from services.engine.config import EngineConfig
+from services.engine.decode_graphs import DecodeGraphs
 from services.engine.inputs import ModelInputs
 from services.engine.kv_cache import KVCache
 from services.engine.sampler import sample
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 _NO_INPUTS = ModelInputs()
+
+# called as hook(layer index, chunks that complete their prompt in this step) once the layer's keys and
+# values are in the pool: a prefill stage ships them while the next layers compute
+LayerHook = Callable[[int, list[ScheduledChunk]], None]
 
 
 @dataclass(slots=True)
@@ -28,32 +36,47 @@ class StepResult:
     logits: torch.Tensor | None  # [len(tokens), vocab] when asked for
 
 
+@dataclass(slots=True)
+class HostStep:
+    """A step's inputs on the host, padded: what is copied to the device (or into graph buffers)."""
+
+    layout: StepLayout
+    token_ids: torch.Tensor  # [padded] long
+    positions: torch.Tensor  # [3, padded] long (prefill rows with M-RoPE positions are filled on device)
+    slots: torch.Tensor  # [padded] long
+
+
 class ModelRunner:
-    def __init__(self, family, kv: KVCache) -> None:
+    def __init__(
+        self, family, kv: KVCache, config: EngineConfig | None = None, max_model_len: int | None = None
+    ) -> None:
+        config = config or EngineConfig()
+        max_model_len = max_model_len or config.max_model_len or family.max_position_embeddings
         self.family = family
         self.kv = kv
         self.device = kv.device
         self.block_size = kv.block_size
-        # called as hook(layer_index, chunks that complete their prompt in this step)
-        self.layer_hook: Callable[[int, list[ScheduledChunk]], None] | None = None
+        self.backend = create_backend(
+            config.attention_backend, kv, max_num_tokens=config.max_num_batched_tokens,
+            max_model_len=max_model_len, compile=not config.enforce_eager,
+        )  # fmt: skip
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.graph_safe:
+            self.graphs = DecodeGraphs(family, kv, self.backend, max_num_seqs=config.max_num_seqs)
+            self.graphs.capture_all()  # at start-up, so that no request waits for a capture
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput, keep_logits: bool = False) -> StepResult:
+    def execute(
+        self, step: SchedulerOutput, keep_logits: bool = False, layer_hook: LayerHook | None = None
+    ) -> StepResult:
         chunks = step.chunks
-        token_ids = torch.tensor(
-            [t for c in chunks for t in c.seq.token_ids[c.start : c.start + c.num_tokens]],
-            dtype=torch.long,
-            device=self.device,
-        )
-        embeds = self.family.embed(token_ids)
-        positions = torch.empty(3, len(token_ids), dtype=torch.long, device=self.device)
-        meta = self._metadata(chunks, embeds, positions)
-        if self.layer_hook is not None:
-            finishing = [c for c in chunks if c.samples and not c.is_decode]
-            if finishing:
-                hook = self.layer_hook
-                meta.on_layer = lambda layer: hook(layer, finishing)
-        hidden = self.family.forward(embeds, positions, meta)
+        n = step.num_tokens
+        host = self._host_step(chunks, n, self.backend.padded_tokens(n))
+        finishing = [c for c in chunks if c.samples and not c.is_decode] if layer_hook else []
+        if self.graphs is not None and not finishing and self.graphs.covers(host.layout):
+            hidden = self.graphs.run(host)
+        else:
+            hidden = self._forward(chunks, host, layer_hook, finishing)
 
         sampling = [c for c in chunks if c.samples]
         if not sampling:
@@ -63,7 +86,25 @@ class ModelRunner:
         tokens = sample(logits, [c.seq.params for c in sampling], [c.seq.num_output_tokens for c in sampling])
         return StepResult(tokens, logits if keep_logits else None)
 
-    # ---- metadata --------------------------------------------------------------------------------
+    def _forward(
+        self, chunks: list[ScheduledChunk], host: HostStep, layer_hook: LayerHook | None, finishing
+    ) -> torch.Tensor:
+        dev = self.device
+        embeds = self.family.embed(host.token_ids.to(dev, non_blocking=True))
+        positions = host.positions.to(dev, non_blocking=True)
+        q = host.layout.num_decodes
+        for c in chunks[host.layout.num_decodes :]:
+            self._multimodal_rows(c, q, embeds, positions)
+            q += c.num_tokens
+        meta = AttentionMetadata(
+            self.kv, host.slots.to(dev, non_blocking=True), self.backend, self.backend.prepare(host.layout)
+        )
+        if finishing:
+            assert layer_hook is not None
+            meta.on_layer = lambda layer: layer_hook(layer, finishing)
+        return self.family.forward(embeds, positions, meta)
+
+    # ---- the step on the host --------------------------------------------------------------------
 
     @staticmethod
     def _sample_rows(chunks: list[ScheduledChunk]) -> list[int]:
@@ -74,70 +115,54 @@ class ModelRunner:
                 rows.append(offset - 1)
         return rows
 
-    def _block_tables(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def _host_step(self, chunks: list[ScheduledChunk], n: int, padded: int) -> HostStep:
+        bs = self.block_size
         width = max(len(c.seq.block_table) for c in chunks)
-        table = torch.zeros(len(chunks), width, dtype=torch.long)
-        for i, c in enumerate(chunks):
-            table[i, : len(c.seq.block_table)] = torch.tensor(c.seq.block_table, dtype=torch.long)
-        return table
-
-    def _slots(self, table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return table[rows, pos // self.block_size] * self.block_size + pos % self.block_size
-
-    def _metadata(
-        self, chunks: list[ScheduledChunk], embeds: torch.Tensor, positions: torch.Tensor
-    ) -> AttentionMetadata:
-        """Fill `positions` and the multimodal rows of `embeds` in place; return attention metadata."""
-        table = self._block_tables(chunks)
-        num_decodes = sum(1 for c in chunks if c.is_decode)
+        table = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks])
         lengths = torch.tensor([c.num_tokens for c in chunks])
         starts = torch.tensor([c.start for c in chunks])
         rows = torch.repeat_interleave(torch.arange(len(chunks)), lengths)
         first = torch.cumsum(lengths, 0) - lengths
-        pos = starts[rows] + torch.arange(len(rows)) - first[rows]  # token index within its sequence
-        slot_mapping = self._slots(table, rows, pos)
+        pos = starts[rows] + torch.arange(n) - first[rows]  # token index within its sequence
+        slots = table[rows, pos // bs] * bs + pos % bs
+        pad = padded - n
 
-        meta = AttentionMetadata(self.kv, slot_mapping.to(self.device), num_decodes=num_decodes)
-        if num_decodes:
-            deltas = torch.tensor([_inputs(c).rope_delta for c in chunks[:num_decodes]])
-            positions[:, :num_decodes] = (starts[:num_decodes] + deltas).to(self.device)
-            context = starts[:num_decodes] + 1
-            width = -(-int(context.max()) // self.block_size)
-            j = torch.arange(width * self.block_size)
-            meta.decode_blocks = table[:num_decodes, :width].reshape(-1).to(self.device)
-            meta.decode_mask = (j[None, :] < context[:, None]).view(num_decodes, 1, 1, -1).to(self.device)
+        token_ids = torch.zeros(padded, dtype=torch.long)
+        token_ids[:n] = torch.tensor(
+            [t for c in chunks for t in c.seq.token_ids[c.start : c.start + c.num_tokens]]
+        )
+        # plain positions (index in the sequence; + rope_delta past an M-RoPE prompt) on all three axes;
+        # prompt rows with M-RoPE positions are overwritten on the device
+        deltas = torch.tensor([_inputs(c).rope_delta if c.is_decode else 0 for c in chunks])
+        positions = torch.zeros(3, padded, dtype=torch.long)
+        positions[:, :n] = pos + deltas[rows]
+        num_decodes = sum(1 for c in chunks if c.is_decode)
+        layout = StepLayout(
+            num_tokens=n,
+            padded_tokens=padded,
+            num_decodes=num_decodes,
+            chunk_starts=starts.tolist(),
+            chunk_lens=lengths.tolist(),
+            block_table=table,
+            token_chunk=torch.cat([rows, torch.full((pad,), -1, dtype=torch.long)]),
+            token_pos=torch.cat([pos, torch.zeros(pad, dtype=torch.long)]),
+        )
+        slots = torch.cat([slots, torch.full((pad,), self.kv.scratch_slot, dtype=torch.long)])
+        return HostStep(layout, token_ids, positions, slots)
 
-        q = num_decodes
-        for i in range(num_decodes, len(chunks)):
-            c = chunks[i]
-            n, end = c.num_tokens, c.start + c.num_tokens
-            self._prefill_positions_and_features(c, q, embeds, positions)
-            span = PrefillSpan(q, q + n)
-            if c.start > 0:
-                width = -(-end // self.block_size)
-                j = torch.arange(width * self.block_size)
-                span.blocks = table[i, :width].to(self.device)
-                span.mask = (j[None, :] <= torch.arange(c.start, end)[:, None]).to(self.device)
-            meta.prefills.append(span)
-            q += n
-        return meta
-
-    def _prefill_positions_and_features(
+    def _multimodal_rows(
         self, c: ScheduledChunk, q: int, embeds: torch.Tensor, positions: torch.Tensor
     ) -> None:
+        """M-RoPE positions and encoder features of a prefill chunk's prompt rows, on the device."""
         inputs = _inputs(c)
         end = c.start + c.num_tokens
-        n_prompt = c.seq.num_prompt_tokens
-        if inputs.positions is None:
-            positions[:, q : q + c.num_tokens] = torch.arange(c.start, end, device=self.device)
-        else:
+        if inputs.positions is not None:
             # prompt tokens take their M-RoPE positions; tokens past the prompt (a recomputed output)
             # continue at index + rope_delta
-            in_prompt = max(0, min(end, n_prompt) - c.start)
+            in_prompt = max(0, min(end, c.seq.num_prompt_tokens) - c.start)
             positions[:, q : q + in_prompt] = inputs.positions[:, c.start : c.start + in_prompt]
             if in_prompt < c.num_tokens:
-                tail = torch.arange(c.start + in_prompt, end, device=self.device) + inputs.rope_delta
-                positions[:, q + in_prompt : q + c.num_tokens] = tail
+                positions[:, q + in_prompt : q + c.num_tokens] += inputs.rope_delta
         if inputs.mm_embeds is not None:
             idx = inputs.mm_token_indices
             lo, hi = bisect.bisect_left(idx, c.start), bisect.bisect_left(idx, end)

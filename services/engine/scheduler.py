@@ -6,9 +6,15 @@ sequences:
      still prefilling (chunked prefill). When the pool has no block for one of them, the newest running
      sequence is swapped out (KV to host memory, blocks freed) until it fits: never a crash, and no
      work is thrown away;
-  2. swapped sequences, oldest first, if nothing had to be swapped out this step;
-  3. waiting sequences, oldest first, while the budget, the sequence cap and the free blocks allow.
+  2. if nothing had to be swapped out this step: swapped sequences (oldest first), then sequences whose
+     KV arrived from a remote prefill (in order of arrival), then waiting sequences (oldest first),
+     each queue while the budget, the sequence cap and the free blocks allow.
 Decodes come first in the step so the model runner can attend over them in one batched call.
+
+A decode engine also holds reservations: blocks set aside (`reserve`) for a prompt that a remote
+prefill computes and a data plane writes straight into them; `arrive` then queues the sequence to
+join the batch, its KV already in place. Every admission (a reservation, a swap-in, a new or arrived
+sequence) passes the one watermark check, `_fits`.
 
 The torch side copies KV in and out through the `KVSwapper` it hands in; the scheduler only decides.
 """
@@ -19,7 +25,7 @@ import bisect
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.engine.block_manager import BlockManager
 from services.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -94,29 +100,53 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: list[Sequence] = []  # kept oldest first
+        self.reserved: dict[str, Sequence] = {}  # REMOTE, KV still arriving into their blocks
+        self.arrived: deque[Sequence] = deque()  # REMOTE, KV in place, waiting to run
         self.requests: dict[str, Sequence] = {}
         self.num_swap_outs = 0
 
     # ---- admission -------------------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        """Queue a sequence: WAITING for a prompt to compute, SWAPPED when it brings its KV along."""
-        if seq.request_id in self.requests:
-            raise ValueError(f"request {seq.request_id} is already in the engine")
-        limit = self.max_model_len
-        if seq.num_tokens >= limit:
-            raise ValueError(
-                f"request {seq.request_id}: {seq.num_tokens} prompt tokens leave no room for output "
-                f"within the context of {limit} tokens"
-            )
+        """Queue a new sequence: WAITING, its prompt to be computed here."""
+        self._check_new(seq)
         self.requests[seq.request_id] = seq
-        if seq.status is SequenceStatus.SWAPPED:
-            bisect.insort(self.swapped, seq, key=_by_arrival)
-        else:
-            self.waiting.append(seq)
+        self.waiting.append(seq)
+
+    def reserve(self, seq: Sequence) -> bool:
+        """Set aside blocks for the prompt of `seq`, computed by a remote prefill whose data plane
+        writes the KV into `seq.block_table`. False, holding nothing, when the pool has no room now."""
+        self._check_new(seq)
+        if not self._fits(seq, seq.num_prompt_tokens):
+            return False
+        self.bm.grow(seq, seq.num_prompt_tokens)
+        seq.status = SequenceStatus.REMOTE
+        self.requests[seq.request_id] = seq
+        self.reserved[seq.request_id] = seq
+        return True
+
+    def arrive(self, request_id: str, token_ids: list[int], model_inputs: Any = None) -> Sequence:
+        """The reserved blocks of `request_id` now hold its prompt's KV: queue it to decode on from
+        `token_ids` (the prompt and what the prefill sampled after it, usually the first token)."""
+        seq = self.reserved.get(request_id)
+        if seq is None:
+            raise ValueError(f"request {request_id} has no reservation")
+        n = seq.num_prompt_tokens
+        if not n < len(token_ids) < self.max_model_len:
+            raise ValueError(
+                f"request {request_id}: {len(token_ids)} tokens for a prompt of {n}; expected the "
+                f"prompt and at least one sampled token, under the context of {self.max_model_len}"
+            )
+        del self.reserved[request_id]
+        seq.token_ids = list(token_ids)
+        seq.model_inputs = model_inputs
+        seq.num_computed_tokens = n
+        self.arrived.append(seq)
+        return seq
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
+        """Whether a step has work; reservations wait on a data plane, not on a step."""
+        return bool(self.waiting or self.running or self.swapped or self.arrived)
 
     # ---- one step --------------------------------------------------------------------------------
 
@@ -140,29 +170,9 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        while not swapped_out and self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.swapped[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self._fits(seq, seq.num_computed_tokens + n):
-                break
-            self.swapped.pop(0)
-            self.bm.grow(seq, seq.num_computed_tokens)
-            self.swapper.swap_in(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            chunks.append(self._take(seq, n))
-            budget -= n
-
-        while not swapped_out and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self._fits(seq, seq.num_computed_tokens + n):
-                break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            chunks.append(self._take(seq, n))
-            budget -= n
+        if not swapped_out:
+            for queue in (self.swapped, self.arrived, self.waiting):
+                budget = self._admit(queue, budget, chunks)
 
         chunks.sort(key=lambda c: not c.is_decode)  # decodes first, stable otherwise
         return SchedulerOutput(chunks)
@@ -201,6 +211,8 @@ class Scheduler:
         }.get(seq.status)
         if queue is not None:
             queue.remove(seq)
+        elif seq.status is SequenceStatus.REMOTE and self.reserved.pop(seq.request_id, None) is None:
+            self.arrived.remove(seq)
         self.bm.free(seq)
         seq.swapped_kv = None
         seq.status = SequenceStatus.FINISHED
@@ -225,9 +237,44 @@ class Scheduler:
         self.bm.grow(seq, seq.num_computed_tokens + n)
         return ScheduledChunk(seq, seq.num_computed_tokens, n)
 
+    def _check_new(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request {seq.request_id} is already in the engine")
+        if seq.num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"request {seq.request_id}: {seq.num_tokens} prompt tokens leave no room for output "
+                f"within the context of {self.max_model_len} tokens"
+            )
+
     def _fits(self, seq: Sequence, num_tokens: int) -> bool:
-        needed = self.bm.blocks_to_grow(seq, num_tokens)
-        return needed + self.watermark_blocks <= self.bm.num_free_blocks
+        """The one admission check: `seq` may grow to `num_tokens` tokens if that leaves
+        `watermark_blocks` free for the running sequences to grow into (so admitting work does not
+        force a swap at once). With no other sequence holding blocks there is nobody to protect, and
+        `seq` may take the whole pool: a lone sequence of `max_model_len` tokens always fits."""
+        bm = self.bm
+        needed = bm.blocks_to_grow(seq, num_tokens)
+        alone = bm.num_free_blocks + len(seq.block_table) == bm.num_blocks
+        return needed + (0 if alone else self.watermark_blocks) <= bm.num_free_blocks
+
+    def _admit(
+        self, queue: list[Sequence] | deque[Sequence], budget: int, chunks: list[ScheduledChunk]
+    ) -> int:
+        """Start sequences from the head of `queue` while the budget, the sequence cap and the pool
+        allow; returns the budget left."""
+        while queue and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = queue[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._fits(seq, seq.num_computed_tokens + n):
+                break
+            del queue[0]
+            if seq.status is SequenceStatus.SWAPPED:
+                self.bm.grow(seq, seq.num_computed_tokens)
+                self.swapper.swap_in(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(self._take(seq, n))
+            budget -= n
+        return budget
 
     def _swap_out(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -6,8 +6,15 @@ an opaque object the scheduler never looks into.
 
 Life of a sequence: WAITING (prompt not yet computed) -> RUNNING (prefill chunks, then one token per
 step) -> FINISHED. Under memory pressure a RUNNING sequence is SWAPPED out (its KV copied to host
-memory, its blocks freed) and later swapped back in. A sequence handed over by a prefill stage starts
-SWAPPED: the KV it brings is exactly a swapped-out state.
+memory, its blocks freed) and later swapped back in. A prefill-only engine parks a sequence as
+PREFILLED after its first token, until its KV has been handed over.
+
+A decode engine meets the other end of that hand-off: a sequence whose prompt a remote prefill
+computed is REMOTE from the moment blocks are reserved for it. Its KV first arrives into those blocks
+(written in place by a data plane; the sequence knows only its prompt length), then, once every byte
+is in and the first token is known, it waits its turn to join the running batch: REMOTE -> RUNNING,
+with no copy. It never holds a host copy (that is SWAPPED's business), so neither state stands in for
+the other.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     SWAPPED = "swapped"
+    REMOTE = "remote"  # decode engines: prompt computed by a remote prefill, KV into reserved blocks
     PREFILLED = "prefilled"  # prefill-only engines: first token sampled, KV kept until handed over
     FINISHED = "finished"
 

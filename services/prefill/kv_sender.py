@@ -1,10 +1,11 @@
 """Ship a prompt's KV from a prefill instance into the blocks a decode instance reserved for it.
 
-Layer by layer: the engine calls `on_layer(layer, chunks)` as soon as a layer's keys and values for the
-step are in the pool, and the blocks of every prompt that completes in this step go out on the data
-plane's own thread while the next layer computes (on CPU hosts, where a copy competes with the prompt
-for cores, the layers wait for the end of the step and go out right after the first token). If the decode instance's destination (KV_DEST) has
-not arrived yet, layers wait in a list and go when it does. When every layer has arrived on the other
+Layer by layer: the prefill worker hands `on_layer` to each engine step, which calls it as soon as a
+layer's keys and values for the step are in the pool, and the blocks of every prompt that completes in
+this step go out on the data plane's own thread while the next layer computes (on CPU hosts, where a
+copy competes with the prompt for cores, the layers wait for the end of the step and go out right after
+the first token). If the decode instance's destination (KV_DEST) has not arrived yet, layers wait in a
+list and go when it does. When every layer has arrived on the other
 side and the first token is known, decode gets KV_READY and the blocks here are freed.
 """
 
@@ -46,7 +47,6 @@ class KVSender:
         self.num_layers = engine.layout.num_layers
         self.handoffs: dict[str, Handoff] = {}
         self._early: dict[str, KvDest] = {}  # destinations that came before their request
-        engine.runner.layer_hook = self.on_layer
 
     def start(self, request_id: str, decode_address: str, timeout_s: float) -> None:
         h = Handoff(request_id, decode_address, time.monotonic() + timeout_s)

@@ -103,7 +103,8 @@ class PrefillWorker:
 
     def step(self) -> None:
         updates = []
-        for out in self.engine.step():
+        hook = self.kv_sender.on_layer if self.kv_sender is not None else None
+        for out in self.engine.step(layer_hook=hook):
             rid = out.request_id
             req = self.admitted.get(rid)
             if req is None:

@@ -17,7 +17,7 @@ from services.decode.worker import DecodeWorker
 from services.encode.worker import EncodeWorker
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
-from services.engine.kv_cache import KVLayout
+from services.engine.memory import size_kv_pool
 from services.models.loader import load_model
 from services.prefill.worker import PrefillWorker
 from tests.reference import hf_greedy, make_image
@@ -71,8 +71,7 @@ def build(loaded):
     dp = {r: create_dataplane("fake") for r in "EPD"}
     cfg = EngineConfig(num_blocks=64, max_model_len=1024)
     p_engine = Engine(fam, loaded.eos_token_ids, cfg, prefill_only=True)
-    layout = KVLayout(fam.num_layers, fam.num_kv_heads, fam.head_dim, fam.dtype)
-    kv_bytes = 64 * cfg.block_size * layout.token_bytes()
+    kv_bytes = size_kv_pool(fam, cfg).nbytes  # the decode pool lives in data-plane memory
     d_buffer = torch.frombuffer(dp["D"].allocate("kv", kv_bytes), dtype=torch.uint8)
     d_engine = Engine(fam, loaded.eos_token_ids, cfg, kv_buffer=d_buffer)
     enc = EncodeWorker(fam, router.io("E"), dp["E"])

@@ -10,9 +10,9 @@ from common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.llm import LLM
-from services.engine.stages import DecodeStage, EncodeStage, PrefillRequest, PrefillStage
 from services.models.loader import load_model
 from tests.reference import hf_greedy, make_image, max_logit_diff
+from tests.services.engine.split import split_generate
 
 TOL = 1e-4
 
@@ -105,34 +105,21 @@ def test_continuous_batch_with_joins_and_chunked_prefill_matches_transformers(ch
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def split_generate(loaded, ids, items, max_tokens, forget_rope_delta=False):
-    """Encode, prefill and decode as separate stages, KV passed between them as bytes."""
-    fam = loaded.family
-    config = EngineConfig(num_blocks=128, max_model_len=2048)
-    features = EncodeStage(fam).encode(items)
-    prefill = PrefillStage(fam, loaded.eos_token_ids, config, keep_logits=True)
+SPLIT = EngineConfig(num_blocks=128, max_model_len=2048)
+
+
+def split(loaded, ids, items, max_tokens, forget_rope_delta=False):
+    """A prefill-only engine, then a decode engine whose reserved blocks receive the KV as bytes."""
     params = SamplingParams(max_tokens=max_tokens)
-    req = PrefillRequest("s", ids, params, [i.grid_thw for i in items], features)
-    (result,) = prefill.prefill([req])
-    assert isinstance(result.kv, bytes)
-    assert prefill.engine.block_manager.num_free_blocks == prefill.engine.block_manager.num_blocks
-    if forget_rope_delta:
-        assert result.rope_delta != 0, "an image prompt should shift decode positions"
-        result.rope_delta = 0
-    decode = DecodeStage(fam, loaded.eos_token_ids, config, keep_logits=True)
-    decode.add(result, params)
-    tokens, logits = [result.first_token], [result.logits]
-    while decode.has_unfinished():
-        for out in decode.step():
-            tokens += out.new_token_ids
-            logits.append(out.logits)
-    return tokens, logits
+    return split_generate(
+        loaded, ids, items, params, SPLIT, keep_logits=True, forget_rope_delta=forget_rope_delta
+    )
 
 
-def test_split_path_with_kv_as_bytes_matches_transformers(checkpoint, loaded):
+def test_prefill_then_decode_through_reserved_blocks_matches_transformers(checkpoint, loaded):
     ids, items = prompt(loaded, "What is in this picture?", [make_image(224, 168), make_image(56, 112, 1)])
     ref_tokens, ref_logits = hf_greedy(checkpoint, loaded.family, ids, items, 24)
-    tokens, logits = split_generate(loaded, ids, items, 24)
+    tokens, logits = split(loaded, ids, items, 24)
     diff = max_logit_diff(logits, ref_logits)
     print(f"split path: max logit diff {diff:.2e}")
     assert tokens == ref_tokens
@@ -142,8 +129,8 @@ def test_split_path_with_kv_as_bytes_matches_transformers(checkpoint, loaded):
 def test_wrong_rope_delta_changes_the_output(checkpoint, loaded):
     """Guards the test above: a decode stage that forgets rope_delta must not match."""
     ids, items = prompt(loaded, "What is in this picture?", [make_image(224, 168)])
-    good_tokens, good_logits = split_generate(loaded, ids, items, 12)
-    bad_tokens, bad_logits = split_generate(loaded, ids, items, 12, forget_rope_delta=True)
+    good_tokens, good_logits = split(loaded, ids, items, 12)
+    bad_tokens, bad_logits = split(loaded, ids, items, 12, forget_rope_delta=True)
     assert bad_tokens != good_tokens
     assert max_logit_diff(bad_logits[1:], good_logits[1:]) > 1e-2
     assert torch.equal(bad_logits[0], good_logits[0])  # the first token comes from prefill

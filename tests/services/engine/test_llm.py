@@ -7,9 +7,9 @@ import pytest
 from common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
 from services.engine.llm import LLM
-from services.engine.stages import DecodeStage, EncodeStage, PrefillRequest, PrefillStage
 from services.models.loader import load_model
 from tests.reference import make_image
+from tests.services.engine.split import split_generate
 
 CONFIG = EngineConfig(num_blocks=256, max_model_len=2048)
 
@@ -80,18 +80,9 @@ def test_seeded_sampling_is_independent_of_the_batch(llm, loaded):
 
 def test_seeded_sampling_is_the_same_through_the_split_stages(llm, loaded):
     alone = seeded_alone(llm)
-    fam = loaded.family
     req = llm.prepare("Tell me about colours", [make_image(84, 84)])
-    item = fam.preprocess(make_image(84, 84))
-    features = EncodeStage(fam).encode([item])
-    (res,) = PrefillStage(fam, loaded.eos_token_ids, CONFIG).prefill(
-        [PrefillRequest("x", req.token_ids, SEEDED, [item.grid_thw], features)]
-    )
-    decode = DecodeStage(fam, loaded.eos_token_ids, CONFIG)
-    decode.add(res, SEEDED)
-    tokens = [res.first_token]
-    while decode.has_unfinished():
-        tokens += [t for o in decode.step() for t in o.new_token_ids]
+    item = loaded.family.preprocess(make_image(84, 84))
+    tokens, _ = split_generate(loaded, req.token_ids, [item], SEEDED, CONFIG)
     assert tokens == alone
 
 

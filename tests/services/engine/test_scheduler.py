@@ -181,14 +181,65 @@ def test_prefill_only_sequences_stop_after_their_first_token_and_keep_their_bloc
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_a_sequence_arriving_with_its_kv_is_swapped_in():
-    sched, _, swapper = make()
+def test_a_reserved_sequence_joins_with_its_kv_in_place_without_a_swap():
+    sched, bm, swapper = make()
     s = seq("d", 6, max_tokens=3)
-    s.token_ids.append(11)  # first token sampled by a prefill stage
-    s.num_computed_tokens = 6
-    s.swapped_kv = ("kv", 6)
-    s.status = SequenceStatus.SWAPPED
-    sched.add(s)
+    assert sched.reserve(s)
+    assert s.status is SequenceStatus.REMOTE and len(s.block_table) == 2
+    assert not sched.has_unfinished(), "a reservation waits on the data plane, not on a step"
+    assert not sched.schedule()
+    arrived = sched.arrive("d", [*range(1, 7), 11], model_inputs="inputs")  # prompt + first token
+    assert arrived is s and s.model_inputs == "inputs" and s.num_computed_tokens == 6
     out, _ = run_step(sched)
-    assert swapper.back == ["d"]
-    assert out.chunks[0].is_decode and out.chunks[0].start == 6
+    assert swapper.back == [], "the KV is already in its blocks: nothing to copy in"
+    assert out.chunks[0].is_decode and out.chunks[0].start == 6 and s.status is SequenceStatus.RUNNING
+    while sched.has_unfinished():
+        run_step(sched)
+    assert s.output_token_ids == [11, 7, 7] and bm.num_free_blocks == bm.num_blocks
+
+
+def test_abort_frees_a_reservation_before_and_after_its_kv_arrives():
+    sched, bm, _ = make()
+    sched.reserve(seq("waiting_for_kv", 10))
+    sched.reserve(seq("kv_in", 10))
+    sched.arrive("kv_in", list(range(11)))
+    assert bm.num_free_blocks == bm.num_blocks - 6
+    assert sched.abort("waiting_for_kv") and sched.abort("kv_in")
+    assert bm.num_free_blocks == bm.num_blocks and not sched.reserved and not sched.arrived
+
+
+def test_reserve_without_room_holds_nothing_and_checks_like_add():
+    sched, bm, _ = make(num_blocks=4, block_size=4, max_len=16)
+    assert sched.reserve(seq("a", 8))
+    assert not sched.reserve(seq("b", 9)), "3 blocks needed, 2 free"
+    assert "b" not in sched.requests and bm.num_free_blocks == 2
+    with pytest.raises(ValueError, match="already in the engine"):
+        sched.reserve(seq("a", 4))
+    with pytest.raises(ValueError, match="context of 16 tokens"):
+        sched.reserve(seq("long", 16))
+
+
+def test_arrive_refuses_what_it_cannot_decode_and_keeps_the_reservation():
+    sched, bm, _ = make(max_len=16)
+    with pytest.raises(ValueError, match="no reservation"):
+        sched.arrive("unknown", [1, 2])
+    sched.reserve(seq("d", 6))
+    with pytest.raises(ValueError, match="at least one sampled token"):
+        sched.arrive("d", list(range(6)))
+    assert "d" in sched.reserved  # still held: the worker's abort frees it
+    assert sched.abort("d") and bm.num_free_blocks == bm.num_blocks
+
+
+def test_watermark_guards_running_sequences_but_never_a_lone_one():
+    bm = BlockManager(100, 4)
+    sched = Scheduler(
+        bm, RecordingSwapper(), max_num_seqs=8, max_num_batched_tokens=512, max_model_len=400,
+        eos_token_ids=[EOS], watermark_blocks=5,
+    )  # fmt: skip
+    assert sched.reserve(seq("whole_pool", 399)), "alone, a sequence may take every block"
+    sched.abort("whole_pool")
+    assert sched.reserve(seq("a", 40))  # 10 blocks, 90 free
+    assert not sched.reserve(seq("b", 4 * 86)), "86 blocks would leave fewer than the watermark"
+    assert sched.reserve(seq("c", 4 * 85))
+    sched.add(seq("w", 1))
+    assert not sched.schedule(), "a new prompt waits while the pool is at the watermark"
