@@ -36,7 +36,7 @@ class DecodeGraphs:
         self.kv = kv
         self.backend = backend
         self.capture = capture and kv.device.type == "cuda"
-        self.buckets = sorted({backend.padded_tokens(b) for b in range(1, max_num_seqs + 1)})
+        self.buckets = sorted({backend.padded_rows(b, 0)[0] for b in range(1, max_num_seqs + 1)})
         top = self.buckets[-1]
         dev = kv.device
         self.token_ids = torch.zeros(top, dtype=torch.long, device=dev)
@@ -54,7 +54,8 @@ class DecodeGraphs:
         return (
             not self.failed
             and layout.num_decodes == layout.num_chunks
-            and layout.padded_tokens in self.buckets
+            and layout.padded_tokens == layout.decode_rows
+            and layout.decode_rows in self.buckets
         )
 
     def run(self, host: HostStep) -> torch.Tensor:
@@ -82,10 +83,12 @@ class DecodeGraphs:
 
     def capture_all(self) -> None:
         """Capture every bucket now, largest first (they share one memory pool), at start-up."""
+        if not self.capture:
+            return
         for t in reversed(self.buckets):
             if self.failed:
                 return
-            layout = _padding_only(t)
+            layout = padding_only(t)
             self.positions[:, :t].zero_()
             self.slots[:t].fill_(self.kv.scratch_slot)
             self._capture(t, self.backend.prepare(layout))
@@ -117,10 +120,10 @@ class DecodeGraphs:
         return graph, hidden
 
 
-def _padding_only(t: int) -> StepLayout:
+def padding_only(t: int) -> StepLayout:
     """A layout of `t` padding rows: what a graph is captured with (no sequence is touched)."""
     return StepLayout(
-        num_tokens=0, padded_tokens=t, num_decodes=0, chunk_starts=[], chunk_lens=[],
+        num_tokens=0, padded_tokens=t, num_decodes=0, decode_rows=t, chunk_starts=[], chunk_lens=[],
         block_table=torch.zeros(0, 1, dtype=torch.long),
         token_chunk=torch.full((t,), -1, dtype=torch.long), token_pos=torch.zeros(t, dtype=torch.long),
     )  # fmt: skip

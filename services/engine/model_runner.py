@@ -44,6 +44,7 @@ class HostStep:
     token_ids: torch.Tensor  # [padded] long
     positions: torch.Tensor  # [3, padded] long (prefill rows with M-RoPE positions are filled on device)
     slots: torch.Tensor  # [padded] long
+    sample_rows: list[int]  # the row of each sampling chunk's last token
 
 
 class ModelRunner:
@@ -58,7 +59,7 @@ class ModelRunner:
         self.block_size = kv.block_size
         self.backend = create_backend(
             config.attention_backend, kv, max_num_tokens=config.max_num_batched_tokens,
-            max_model_len=max_model_len, compile=not config.enforce_eager,
+            max_num_seqs=config.max_num_seqs, max_model_len=max_model_len, compile=not config.enforce_eager,
         )  # fmt: skip
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.graph_safe:
@@ -70,8 +71,7 @@ class ModelRunner:
         self, step: SchedulerOutput, keep_logits: bool = False, layer_hook: LayerHook | None = None
     ) -> StepResult:
         chunks = step.chunks
-        n = step.num_tokens
-        host = self._host_step(chunks, n, self.backend.padded_tokens(n))
+        host = self._host_step(chunks)
         finishing = [c for c in chunks if c.samples and not c.is_decode] if layer_hook else []
         if self.graphs is not None and not finishing and self.graphs.covers(host.layout):
             hidden = self.graphs.run(host)
@@ -81,7 +81,7 @@ class ModelRunner:
         sampling = [c for c in chunks if c.samples]
         if not sampling:
             return StepResult([], None)
-        rows = torch.tensor(self._sample_rows(chunks), device=self.device)
+        rows = torch.tensor(host.sample_rows, device=self.device)
         logits = self.family.logits(hidden[rows])
         tokens = sample(logits, [c.seq.params for c in sampling], [c.seq.num_output_tokens for c in sampling])
         return StepResult(tokens, logits if keep_logits else None)
@@ -92,7 +92,7 @@ class ModelRunner:
         dev = self.device
         embeds = self.family.embed(host.token_ids.to(dev, non_blocking=True))
         positions = host.positions.to(dev, non_blocking=True)
-        q = host.layout.num_decodes
+        q = host.layout.decode_rows
         for c in chunks[host.layout.num_decodes :]:
             self._multimodal_rows(c, q, embeds, positions)
             q += c.num_tokens
@@ -106,49 +106,46 @@ class ModelRunner:
 
     # ---- the step on the host --------------------------------------------------------------------
 
-    @staticmethod
-    def _sample_rows(chunks: list[ScheduledChunk]) -> list[int]:
-        rows, offset = [], 0
-        for c in chunks:
-            offset += c.num_tokens
-            if c.samples:
-                rows.append(offset - 1)
-        return rows
-
-    def _host_step(self, chunks: list[ScheduledChunk], n: int, padded: int) -> HostStep:
+    def _host_step(self, chunks: list[ScheduledChunk]) -> HostStep:
         bs = self.block_size
         width = max(len(c.seq.block_table) for c in chunks)
         table = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks])
         lengths = torch.tensor([c.num_tokens for c in chunks])
         starts = torch.tensor([c.start for c in chunks])
-        rows = torch.repeat_interleave(torch.arange(len(chunks)), lengths)
+        n = int(lengths.sum())
+        num_decodes = sum(1 for c in chunks if c.is_decode)
+        decode_rows, prefill_rows = self.backend.padded_rows(num_decodes, n - num_decodes)
+        padded = decode_rows + prefill_rows
+
+        chunk_of = torch.repeat_interleave(torch.arange(len(chunks)), lengths)
         first = torch.cumsum(lengths, 0) - lengths
-        pos = starts[rows] + torch.arange(n) - first[rows]  # token index within its sequence
-        slots = table[rows, pos // bs] * bs + pos % bs
-        pad = padded - n
+        pos = starts[chunk_of] + torch.arange(n) - first[chunk_of]  # token index within its sequence
+        row = torch.arange(n)  # where each token sits among the padded rows
+        row[num_decodes:] += decode_rows - num_decodes
 
         token_ids = torch.zeros(padded, dtype=torch.long)
-        token_ids[:n] = torch.tensor(
+        token_ids[row] = torch.tensor(
             [t for c in chunks for t in c.seq.token_ids[c.start : c.start + c.num_tokens]]
         )
         # plain positions (index in the sequence; + rope_delta past an M-RoPE prompt) on all three axes;
         # prompt rows with M-RoPE positions are overwritten on the device
         deltas = torch.tensor([_inputs(c).rope_delta if c.is_decode else 0 for c in chunks])
         positions = torch.zeros(3, padded, dtype=torch.long)
-        positions[:, :n] = pos + deltas[rows]
-        num_decodes = sum(1 for c in chunks if c.is_decode)
+        positions[:, row] = pos + deltas[chunk_of]
+        slots = torch.full((padded,), self.kv.scratch_slot, dtype=torch.long)
+        slots[row] = table[chunk_of, pos // bs] * bs + pos % bs
+        token_chunk = torch.full((padded,), -1, dtype=torch.long)
+        token_chunk[row] = chunk_of
+        token_pos = torch.zeros(padded, dtype=torch.long)
+        token_pos[row] = pos
         layout = StepLayout(
-            num_tokens=n,
-            padded_tokens=padded,
-            num_decodes=num_decodes,
-            chunk_starts=starts.tolist(),
-            chunk_lens=lengths.tolist(),
-            block_table=table,
-            token_chunk=torch.cat([rows, torch.full((pad,), -1, dtype=torch.long)]),
-            token_pos=torch.cat([pos, torch.zeros(pad, dtype=torch.long)]),
-        )
-        slots = torch.cat([slots, torch.full((pad,), self.kv.scratch_slot, dtype=torch.long)])
-        return HostStep(layout, token_ids, positions, slots)
+            num_tokens=n, padded_tokens=padded, num_decodes=num_decodes, decode_rows=decode_rows,
+            chunk_starts=starts.tolist(), chunk_lens=lengths.tolist(), block_table=table,
+            token_chunk=token_chunk, token_pos=token_pos,
+        )  # fmt: skip
+        last = row[torch.cumsum(lengths, 0) - 1].tolist()
+        sample_rows = [r for r, c in zip(last, chunks, strict=True) if c.samples]
+        return HostStep(layout, token_ids, positions, slots, sample_rows)
 
     def _multimodal_rows(
         self, c: ScheduledChunk, q: int, embeds: torch.Tensor, positions: torch.Tensor

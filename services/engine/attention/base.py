@@ -20,14 +20,17 @@ from services.engine.kv_cache import KVCache
 
 @dataclass(slots=True)
 class StepLayout:
-    """One packed step, on the host: `num_decodes` one-token decode rows first, then prefill chunks.
+    """One packed step, on the host: rows `[0, decode_rows)` hold the `num_decodes` one-token decode
+    rows, then padding; the prefill chunks' rows follow, then padding up to `padded_tokens`.
 
-    Rows past `num_tokens` (up to `padded_tokens`) are padding some backends need for static shapes:
-    they belong to no sequence (`token_chunk` -1) and write their keys to the pool's scratch slot."""
+    Padding rows (static shapes for compiled kernels and CUDA graphs) belong to no sequence
+    (`token_chunk` -1) and write their keys to the pool's scratch slot. A backend that needs no
+    padding gets `decode_rows == num_decodes` and `padded_tokens == num_tokens`."""
 
-    num_tokens: int
-    padded_tokens: int
+    num_tokens: int  # real rows
+    padded_tokens: int  # all rows
     num_decodes: int
+    decode_rows: int  # rows of the decode part, padding included; the prefill rows start here
     chunk_starts: list[int]  # index of each chunk's first token within its sequence
     chunk_lens: list[int]
     block_table: torch.Tensor  # [chunks, width] long, the blocks of each chunk's sequence (0-padded)
@@ -65,9 +68,10 @@ class AttentionBackend(ABC):
     def __init__(self, kv: KVCache) -> None:
         self.kv = kv
 
-    def padded_tokens(self, num_tokens: int) -> int:
-        """Rows the step is padded to (static shapes for compiled kernels and graphs)."""
-        return num_tokens
+    def padded_rows(self, num_decodes: int, num_prefill_tokens: int) -> tuple[int, int]:
+        """Rows the decode part and the prefill part of a step are padded to (static shapes for
+        compiled kernels and graphs); no padding by default."""
+        return num_decodes, num_prefill_tokens
 
     @abstractmethod
     def prepare(self, layout: StepLayout) -> Any:

@@ -1,21 +1,28 @@
-"""`flex`: FlexAttention straight over the paged block pool, the whole packed step in one call per layer.
+"""`flex`: FlexAttention straight over the paged block pool, two calls per layer, no gathered copy.
 
 The keys of a layer are its whole pool seen as one long sequence (`[1, KVH, blocks * block_size, D]`, a
 view: nothing is copied). Which keys a row may see is said twice, coarsely and exactly:
-  - a block mask (`BlockMask.from_kv_blocks`) lists, for every group of 16 rows, the pool blocks of the
-    sequences those rows belong to, so the kernel only visits those blocks;
+  - a block mask (`BlockMask.from_kv_blocks`) lists the pool blocks a query tile must visit;
   - a mask function says, per (row, key slot): the slot's block belongs to the row's sequence (the block
-    owner table) and its position in the sequence is not after the row's (causality).
-Blocks are owned by one sequence at a time (no prefix sharing yet), so a per-block owner is enough.
+    owner table: blocks have one owner while there is no prefix sharing) and its position in the
+    sequence is not after the row's (causality).
+The step runs as two calls:
+  - decode rows, one per sequence, each its own batch entry (`[B, H, 1, D]` over the pool expanded
+    along the batch, stride 0): each entry's block list is exactly its sequence's blocks, so a decode
+    reads every block of its context once (FlexAttention's decoding kernel, GQA heads packed);
+  - prefill rows, packed: for each tile of rows (16 on CPU, 64 on CUDA) the blocks of their sequences
+    up to their positions (a tile rarely straddles two prompts). Packing decode rows this way would make each group read the
+    blocks of 16 sequences: 16 times the KV traffic.
 
 Every per-step tensor lives in a buffer allocated once and overwritten by `prepare`: the compiled
-kernel sees the same shapes for every step of a size bucket, and a CUDA graph captured over a decode
-step stays valid after the next `prepare`. Steps are padded to buckets (16, 32, ... 512, then multiples
-of 512 rows) so the kernel compiles once per bucket, not once per step size.
+kernels see the same shapes for every step of a size bucket, and a CUDA graph captured over a decode
+step stays valid after the next `prepare`. Both parts are padded to buckets (16, 32, ... 512, then
+multiples of 512 rows), so each compiles once per bucket, not once per step size.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,8 +31,10 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from services.engine.attention.base import AttentionBackend, StepLayout
 from services.engine.kv_cache import KVCache
 
-Q_BLOCK = 16  # rows per block-mask group
-_PAD_CHUNK = -2  # chunk id of padding rows: no block is owned by it (free blocks are owned by -1)
+Q_BLOCK = 16  # the smallest bucket, and the prefill tile on CPU
+_CUDA_Q_BLOCK = 64  # the prefill tile on CUDA: query rows per kernel block (Triton's BLOCK_M)
+_DECODE_Q_BLOCK = 128  # the decode part's one query tile: any multiple of the kernel's GQA packing
+_PAD = -2  # sequence id of padding rows: they own the scratch block (free blocks are owned by -1)
 
 _compiled: Any = None
 
@@ -40,111 +49,204 @@ def _compiled_flex() -> Any:
     return _compiled
 
 
-def bucket(num_tokens: int) -> int:
-    """Rows a step of `num_tokens` is padded to: powers of two from 16 up to 512, then multiples of 512."""
-    if num_tokens <= 512:
-        return max(Q_BLOCK, 1 << (max(num_tokens, 1) - 1).bit_length())
-    return -(-num_tokens // 512) * 512
+def bucket(rows: int) -> int:
+    """Rows a part of `rows` rows is padded to: 0 stays 0; powers of two from 16 up to 512, then
+    multiples of 512."""
+    if rows <= 0:
+        return 0
+    if rows <= 512:
+        return max(Q_BLOCK, 1 << (rows - 1).bit_length())
+    return -(-rows // 512) * 512
+
+
+@dataclass(slots=True)
+class FlexState:
+    decode_rows: int
+    prefill_rows: int
+    decode_mask: BlockMask | None
+    prefill_mask: BlockMask | None
 
 
 class FlexBackend(AttentionBackend):
     name = "flex"
     graph_safe = True
 
-    def __init__(self, kv: KVCache, max_num_tokens: int, max_model_len: int, compile: bool = True) -> None:
+    def __init__(
+        self,
+        kv: KVCache,
+        max_num_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        compile: bool = True,
+        q_block: int | None = None,  # prefill rows per tile (default: 16 on CPU, 64 on CUDA)
+    ) -> None:
         super().__init__(kv)
         self.compile = compile
         nb, bs, device = kv.num_blocks, kv.block_size, kv.device
-        self.max_padded = bucket(max_num_tokens)
-        groups = -(-self.max_padded // Q_BLOCK)
-        # A group's block list can hold every block of 16 sequences; inductor's CPU kernel wants the
-        # list as wide as the whole key length, so on CPU it spans the pool.
+        cpu = device.type == "cpu"
+        self.q_block = q_block or (Q_BLOCK if cpu else _CUDA_Q_BLOCK)
+        # Triton's kernel tiles must divide the block mask's: keys go by one pool block (BLOCK_N), the
+        # prefill queries by one tile (BLOCK_M); inductor's CPU kernel picks its own
+        self._prefill_options = None if cpu else {"BLOCK_M": self.q_block, "BLOCK_N": bs}
+        self._decode_options = None if cpu else {"BLOCK_N": bs}
+        max_decodes = bucket(min(max_num_seqs, max_num_tokens))
+        max_prefill = bucket(max_num_tokens)
+        groups = -(-max_prefill // self.q_block)
         per_seq = -(-max_model_len // bs)
-        self.width = nb if device.type == "cpu" else min(nb, Q_BLOCK * per_seq)
         i32 = {"dtype": torch.int32, "device": device}
-        self._chunk = torch.full((self.max_padded,), _PAD_CHUNK, **i32)
-        self._pos = torch.zeros(self.max_padded, **i32)
         self._owner = torch.full((nb,), -1, **i32)
         self._logical = torch.zeros(nb, **i32)
-        self._kv_indices = torch.zeros(groups, self.width, **i32)
-        self._kv_num = torch.zeros(groups, **i32)
-        self._masks: dict[int, BlockMask] = {}
+        self._d_seq = torch.full((max_decodes,), _PAD, **i32)
+        self._d_pos = torch.zeros(max_decodes, **i32)
+        self._d_num = torch.zeros(max_decodes, **i32)
+        # block lists: a sequence's blocks (decode), a tile's (prefill); inductor's CPU kernel wants
+        # them as wide as the whole key length
+        self._d_blocks = torch.zeros(max_decodes, nb if cpu else min(nb, per_seq), **i32)
+        # no block is ever known to be wholly visible (every one goes through the mask function); on
+        # CPU that is said explicitly, because inductor's C++ decoding kernel does not compile without
+        # the lists of such blocks (torch 2.13)
+        self._no_full = torch.zeros(max_decodes, **i32) if cpu else None
+        self._no_full_blocks = torch.zeros(max_decodes, 1, **i32) if cpu else None
+        self._p_seq = torch.full((max_prefill,), _PAD, **i32)
+        self._p_pos = torch.zeros(max_prefill, **i32)
+        self._p_num = torch.zeros(groups, **i32)
+        self._p_blocks = torch.zeros(groups, nb if cpu else min(nb, self.q_block * per_seq), **i32)
+        self._decode_masks: dict[int, BlockMask] = {}
+        self._prefill_masks: dict[int, BlockMask] = {}
 
-    def padded_tokens(self, num_tokens: int) -> int:
-        return bucket(num_tokens) if self.compile else num_tokens
+    def padded_rows(self, num_decodes: int, num_prefill_tokens: int) -> tuple[int, int]:
+        if not self.compile:
+            return num_decodes, num_prefill_tokens
+        return bucket(num_decodes), bucket(num_prefill_tokens)
 
     # ---- per step --------------------------------------------------------------------------------
 
-    def prepare(self, layout: StepLayout) -> BlockMask:
-        bs = self.kv.block_size
-        t = layout.padded_tokens
-        groups = -(-t // Q_BLOCK)
+    def prepare(self, layout: StepLayout) -> FlexState:
+        bs, dev = self.kv.block_size, self.kv.device
         table = layout.block_table  # [C, W]
-        width = table.shape[1]
-        chunk = layout.token_chunk
-        pos = layout.token_pos
+        cols = torch.arange(table.shape[1])
 
         # who owns each block of the step, and where in its sequence the block sits
-        context = torch.tensor(layout.chunk_starts, dtype=torch.long) + torch.tensor(
-            layout.chunk_lens, dtype=torch.long
-        )
-        cols = torch.arange(width)
+        starts = torch.tensor(layout.chunk_starts, dtype=torch.long)
+        context = starts + torch.tensor(layout.chunk_lens, dtype=torch.long)
         used = cols[None, :] < (-(-context // bs))[:, None]  # [C, W]
-        blocks = table[used]
-        owners = torch.arange(layout.num_chunks)[:, None].expand_as(table)[used]
-        logical = cols[None, :].expand_as(table)[used]
+        blocks = table[used].to(dev, non_blocking=True)
         self._owner.fill_(-1)
-        self._owner[blocks.to(self.kv.device)] = owners.to(self._owner)
-        self._logical[blocks.to(self.kv.device)] = logical.to(self._logical)
+        self._owner[blocks] = torch.arange(layout.num_chunks)[:, None].expand_as(table)[used].to(self._owner)
+        self._logical[blocks] = cols[None, :].expand_as(table)[used].to(self._logical)
+        self._owner[-1] = _PAD  # padding rows own the scratch block (and see its first slot)
+        self._logical[-1] = 0
 
-        # the blocks each group of Q_BLOCK rows needs: its rows' blocks up to their positions, deduplicated
+        b, db = layout.num_decodes, layout.decode_rows
+        pr = layout.padded_tokens - db
+        if db:
+            pos = torch.zeros(db, dtype=torch.long)
+            pos[:b] = starts[:b]
+            seq = torch.full((db,), _PAD, dtype=torch.long)
+            seq[:b] = torch.arange(b)
+            # padding entries see the scratch block's first slot: no row is ever fully masked (the one
+            # case where kernels disagree: zeros, or NaN that a later layer would spread)
+            num = torch.ones(db, dtype=torch.long)
+            num[:b] = -(-context[:b] // bs)
+            width = min(table.shape[1], self._d_blocks.shape[1])
+            blocks = torch.full((db, width), self.kv.num_blocks - 1, dtype=torch.long)
+            blocks[:b] = table[:b, :width]
+            self._d_seq[:db].copy_(seq, non_blocking=True)
+            self._d_pos[:db].copy_(pos, non_blocking=True)
+            self._d_num[:db].copy_(num, non_blocking=True)
+            self._d_blocks[:db, :width].copy_(blocks, non_blocking=True)
+        if pr:
+            self._prepare_prefill(layout, db, pr)
+        return FlexState(
+            db, pr, self._decode_mask(db) if db else None, self._prefill_mask(pr) if pr else None
+        )
+
+    def _prepare_prefill(self, layout: StepLayout, db: int, pr: int) -> None:
+        """Block lists of the prefill part: per tile of rows, its rows' blocks up to their positions,
+        deduplicated (sorted twice on the host; a tile rarely holds two prompts)."""
+        bs, tile = self.kv.block_size, self.q_block
+        table = layout.block_table
+        cols = torch.arange(table.shape[1])
+        chunk = layout.token_chunk[db : db + pr]
+        pos = layout.token_pos[db : db + pr]
+        groups = -(-pr // tile)
         real = chunk >= 0
-        rows = torch.full((groups * Q_BLOCK, width), -1, dtype=torch.long)
-        picked = table[chunk[real]]
+        rows = torch.full((groups * tile, table.shape[1]), -1, dtype=torch.long)
         needed = cols[None, :] <= (pos[real] // bs)[:, None]
-        rows[: chunk.shape[0]][real] = torch.where(needed, picked, -1)
+        rows[:pr][real] = torch.where(needed, table[chunk[real]], -1)
         rows = rows.view(groups, -1).sort(dim=1, descending=True).values
         repeat = torch.zeros_like(rows, dtype=torch.bool)
         repeat[:, 1:] = rows[:, 1:] == rows[:, :-1]
-        rows = rows.masked_fill(repeat, -1).sort(dim=1, descending=True).values[:, : self.width]
+        rows = rows.masked_fill(repeat, -1).sort(dim=1, descending=True).values[:, : self._p_blocks.shape[1]]
+        # every tile also visits the scratch block, so that its padding rows see a key (see above)
         counts = (rows >= 0).sum(dim=1)
-        n = rows.shape[1]
-        self._kv_indices[:groups, :n].copy_(rows.clamp(min=0), non_blocking=True)
-        self._kv_num[:groups].copy_(counts, non_blocking=True)
+        rows = torch.cat([rows, torch.full((groups, 1), -1, dtype=torch.long)], dim=1)
+        rows[torch.arange(groups), counts] = self.kv.num_blocks - 1
+        rows = rows[:, : self._p_blocks.shape[1]]
+        counts = (counts + 1).clamp(max=rows.shape[1])
+        self._p_blocks[:groups, : rows.shape[1]].copy_(rows.clamp(min=0), non_blocking=True)
+        self._p_num[:groups].copy_(counts, non_blocking=True)
+        self._p_seq[:pr].copy_(torch.where(real, chunk, _PAD), non_blocking=True)
+        self._p_pos[:pr].copy_(pos, non_blocking=True)
 
-        self._chunk[:t].copy_(torch.where(real, chunk, _PAD_CHUNK), non_blocking=True)
-        self._pos[:t].copy_(pos, non_blocking=True)
-        return self._block_mask(t)
-
-    def _block_mask(self, t: int) -> BlockMask:
-        mask = self._masks.get(t)
+    def _decode_mask(self, rows: int) -> BlockMask:
+        mask = self._decode_masks.get(rows)
         if mask is None:
             bs = self.kv.block_size
-            owner, logical, chunk, pos = self._owner, self._logical, self._chunk, self._pos
+            owner, logical, seq, pos = self._owner, self._logical, self._d_seq, self._d_pos
+
+            def own_context(b, h, q, kv):
+                block = kv // bs
+                return (owner[block] == seq[b]) & (logical[block] * bs + kv % bs <= pos[b])
+
+            full = (None, None)
+            if self._no_full is not None:
+                full = (self._no_full[:rows, None, None], self._no_full_blocks[:rows, None, None])
+            mask = BlockMask.from_kv_blocks(
+                self._d_num[:rows, None, None], self._d_blocks[:rows, None, None], *full,
+                BLOCK_SIZE=(_DECODE_Q_BLOCK, bs), mask_mod=own_context,
+                seq_lengths=(1, self.kv.num_blocks * bs), compute_q_blocks=False,
+            )  # fmt: skip
+            self._decode_masks[rows] = mask
+        return mask
+
+    def _prefill_mask(self, rows: int) -> BlockMask:
+        mask = self._prefill_masks.get(rows)
+        if mask is None:
+            bs = self.kv.block_size
+            owner, logical, seq, pos = self._owner, self._logical, self._p_seq, self._p_pos
 
             def same_sequence_causal(b, h, q, kv):
                 block = kv // bs
-                return (owner[block] == chunk[q]) & (logical[block] * bs + kv % bs <= pos[q])
+                return (owner[block] == seq[q]) & (logical[block] * bs + kv % bs <= pos[q])
 
-            groups = -(-t // Q_BLOCK)
+            groups = -(-rows // self.q_block)
             mask = BlockMask.from_kv_blocks(
-                self._kv_num[None, None, :groups],
-                self._kv_indices[None, None, :groups],
-                BLOCK_SIZE=(Q_BLOCK, bs),
-                mask_mod=same_sequence_causal,
-                seq_lengths=(t, self.kv.num_blocks * bs),
-                compute_q_blocks=False,
-            )
-            self._masks[t] = mask
+                self._p_num[None, None, :groups], self._p_blocks[None, None, :groups],
+                BLOCK_SIZE=(self.q_block, bs), mask_mod=same_sequence_causal,
+                seq_lengths=(rows, self.kv.num_blocks * bs), compute_q_blocks=False,
+            )  # fmt: skip
+            self._prefill_masks[rows] = mask
         return mask
 
     # ---- per layer -------------------------------------------------------------------------------
 
-    def attend(self, state: BlockMask, layer, query, key, value, scaling) -> torch.Tensor:
+    def attend(self, state: FlexState, layer, query, key, value, scaling) -> torch.Tensor:
         k_blocks, v_blocks = self.kv.layer_blocks(layer)
         nb, bs, kvh, d = k_blocks.shape
         k = k_blocks.view(1, nb * bs, kvh, d).transpose(1, 2)
         v = v_blocks.view(1, nb * bs, kvh, d).transpose(1, 2)
         fn = _compiled_flex() if self.compile else flex_attention
-        out = fn(query, k, v, block_mask=state, scale=scaling, enable_gqa=True)
-        return out[0].transpose(0, 1)
+        parts = []
+        db, pr = state.decode_rows, state.prefill_rows
+        if db:
+            q = query[0, :, :db].transpose(0, 1).unsqueeze(2)  # [db, H, 1, D]: a batch entry per sequence
+            out = fn(q, k.expand(db, -1, -1, -1), v.expand(db, -1, -1, -1), block_mask=state.decode_mask,
+                     scale=scaling, enable_gqa=True, kernel_options=self._decode_options)  # fmt: skip
+            parts.append(out[:, :, 0])
+        if pr:
+            out = fn(
+                query[:, :, db : db + pr], k, v, block_mask=state.prefill_mask, scale=scaling, enable_gqa=True
+            )
+            parts.append(out[0].transpose(0, 1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -25,14 +25,20 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 
 def create_backend(
-    name: str, kv: KVCache, *, max_num_tokens: int, max_model_len: int, compile: bool = True
+    name: str,
+    kv: KVCache,
+    *,
+    max_num_tokens: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    compile: bool = True,
 ) -> AttentionBackend:
     """The backend for one engine's pool; `compile` False runs kernels eagerly (tests, debugging)."""
     resolved = resolve_backend(name, kv.device)
     if resolved == "flex":
         from services.engine.attention.flex import FlexBackend
 
-        return FlexBackend(kv, max_num_tokens, max_model_len, compile=compile)
+        return FlexBackend(kv, max_num_tokens, max_num_seqs, max_model_len, compile=compile)
     from services.engine.attention.sdpa import SdpaBackend
 
     return SdpaBackend(kv)

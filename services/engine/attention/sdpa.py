@@ -47,7 +47,7 @@ class SdpaBackend(AttentionBackend):
             j = torch.arange(width * bs)
             state.decode_blocks = table[:b, :width].reshape(-1).to(device)
             state.decode_mask = (j[None, :] < context[:, None]).view(b, 1, 1, -1).to(device)
-        q = b
+        q = layout.decode_rows
         for i in range(b, layout.num_chunks):
             start, n = layout.chunk_starts[i], layout.chunk_lens[i]
             span = PrefillSpan(q, q + n)

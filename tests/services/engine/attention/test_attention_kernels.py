@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from services.engine.attention import StepLayout, create_backend
+from services.engine.attention.flex import FlexBackend
+from services.engine.decode_graphs import padding_only
 from services.engine.kv_cache import KVCache, KVLayout
 
 H, KVH, D, BS, NUM_BLOCKS = 8, 2, 16, 16, 48
@@ -62,33 +64,49 @@ def reference(kv, table, starts, lens, query) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def layout_for(backend, table, starts, lens, chunk, pos, num_decodes) -> StepLayout:
+def layout_for(backend, table, starts, lens, chunk, pos, num_decodes):
+    """The step's layout as the runner builds it, and the padded row of every real token."""
     n = len(chunk)
-    padded = backend.padded_tokens(n)
-    pad = padded - n
-    return StepLayout(
-        num_tokens=n, padded_tokens=padded, num_decodes=num_decodes, chunk_starts=starts,
-        chunk_lens=lens, block_table=table,
-        token_chunk=torch.cat([chunk, torch.full((pad,), -1)]), token_pos=torch.cat([pos, torch.zeros(pad, dtype=torch.long)]),
+    decode_rows, prefill_rows = backend.padded_rows(num_decodes, n - num_decodes)
+    padded = decode_rows + prefill_rows
+    row = torch.arange(n)
+    row[num_decodes:] += decode_rows - num_decodes
+    token_chunk = torch.full((padded,), -1)
+    token_chunk[row] = chunk
+    token_pos = torch.zeros(padded, dtype=torch.long)
+    token_pos[row] = pos
+    layout = StepLayout(
+        num_tokens=n, padded_tokens=padded, num_decodes=num_decodes, decode_rows=decode_rows,
+        chunk_starts=starts, chunk_lens=lens, block_table=table, token_chunk=token_chunk, token_pos=token_pos,
     )  # fmt: skip
+    return layout, row
+
+
+def padded(x: torch.Tensor, row: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` [1, heads, n, D] spread over `rows` padded rows, garbage in the padding (it must not matter)."""
+    out = torch.randn(1, x.shape[1], rows, x.shape[3])
+    out[:, :, row] = x
+    return out
 
 
 @pytest.mark.parametrize(
-    "name, compile", [("sdpa", False), ("flex", False), pytest.param("flex", True, marks=pytest.mark.slow)]
+    "name, compile, q_block",
+    [("sdpa", False, None), ("flex", False, 16), ("flex", False, 64), ("flex", True, 16), ("flex", True, 64)],
 )
-def test_backend_matches_per_sequence_sdpa(name, compile):
+def test_backend_matches_per_sequence_sdpa(name, compile, q_block):
+    """flex with the CPU tile (16 rows) and the CUDA tile (64 rows, several prompts in one tile)."""
     kv, table, starts, lens, chunk, pos, query, key, value, num_decodes = packed_step()
-    backend = create_backend(name, kv, max_num_tokens=64, max_model_len=256, compile=compile)
-    layout = layout_for(backend, table, starts, lens, chunk, pos, num_decodes)
-    pad = layout.padded_tokens - layout.num_tokens
-    if pad:  # padding rows carry garbage queries; they must not disturb the real rows
-        query = torch.cat([query, torch.randn(1, H, pad, D)], dim=2)
-        key = torch.cat([key, torch.randn(1, KVH, pad, D)], dim=2)
-        value = torch.cat([value, torch.randn(1, KVH, pad, D)], dim=2)
-    out = backend.attend(backend.prepare(layout), 0, query, key, value, None)
+    backend = create_backend(name, kv, max_num_tokens=64, max_num_seqs=8, max_model_len=256, compile=compile)
+    if q_block is not None:
+        backend = FlexBackend(kv, 64, 8, 256, compile=compile, q_block=q_block)
+    layout, row = layout_for(backend, table, starts, lens, chunk, pos, num_decodes)
+    t = layout.padded_tokens
+    out = backend.attend(
+        backend.prepare(layout), 0, padded(query, row, t), padded(key, row, t), padded(value, row, t), None
+    )
     expected = reference(kv, table, starts, lens, query)
-    assert out.shape[0] == layout.padded_tokens
-    diff = (out[: layout.num_tokens] - expected).abs().max().item()
+    assert out.shape[0] == t
+    diff = (out[row] - expected).abs().max().item()
     assert diff < 1e-5, f"{name}: max difference {diff:.2e} from per-sequence SDPA"
 
 
@@ -96,8 +114,9 @@ def test_flex_state_is_rewritten_in_place_between_steps():
     """A second step reuses the first step's buffers and block mask object (what a captured graph
     relies on) and still gives the right answer."""
     kv, table, starts, lens, chunk, pos, query, key, value, num_decodes = packed_step(seed=1)
-    backend = create_backend("flex", kv, max_num_tokens=64, max_model_len=256, compile=False)
-    first = backend.prepare(layout_for(backend, table, starts, lens, chunk, pos, num_decodes))
+    backend = create_backend("flex", kv, max_num_tokens=64, max_num_seqs=8, max_model_len=256, compile=True)
+    first_layout, _ = layout_for(backend, table, starts, lens, chunk, pos, num_decodes)
+    first = backend.prepare(first_layout)
     # the same step again, with the sequences' blocks reversed: every table entry changes
     flipped = table.flip(0)
     flipped_starts, flipped_lens = starts[::-1], lens[::-1]
@@ -106,16 +125,32 @@ def test_flex_state_is_rewritten_in_place_between_steps():
         [torch.arange(s, s + n) for s, n in zip(flipped_starts, flipped_lens, strict=True)]
     )
     q = torch.randn_like(query)
-    second = backend.prepare(
-        layout_for(backend, flipped, flipped_starts, flipped_lens, flipped_chunk, flipped_pos, 0)
+    # in the flipped order decodes are not first: every sequence goes through the prefill part
+    second_layout, row = layout_for(
+        backend, flipped, flipped_starts, flipped_lens, flipped_chunk, flipped_pos, 0
     )
-    assert second is first
-    out = backend.attend(second, 0, q, key, value, None)
+    second = backend.prepare(second_layout)
+    assert second.prefill_mask is first.prefill_mask, "the block mask is rewritten in place, not rebuilt"
+    t = second_layout.padded_tokens
+    out = backend.attend(second, 0, padded(q, row, t), padded(key, row, t), padded(value, row, t), None)
     expected = reference(kv, flipped, flipped_starts, flipped_lens, q)
-    assert (out[: len(flipped_chunk)] - expected).abs().max().item() < 1e-5
+    assert (out[row] - expected).abs().max().item() < 1e-5
+
+
+def test_a_step_of_padding_only_sees_the_scratch_slot_only():
+    """What a decode CUDA graph is captured with: every row is padding, sees only the scratch block's
+    first slot (never nothing: a fully masked row is where kernels disagree) and no sequence's keys."""
+    kv = packed_step()[0]
+    backend = create_backend("flex", kv, max_num_tokens=64, max_num_seqs=8, max_model_len=256, compile=False)
+    state = backend.prepare(padding_only(16))
+    q, k = torch.randn(1, H, 16, D), torch.randn(1, KVH, 16, D)
+    out = backend.attend(state, 0, q, k, k, None)
+    scratch_value = kv.layer(0)[1][kv.scratch_slot - BS + 1]  # [KVH, D], first slot of the last block
+    expected = scratch_value.repeat_interleave(H // KVH, dim=0).expand(16, H, D)
+    assert torch.allclose(out, expected, atol=1e-6)
 
 
 def test_unknown_backend_is_refused_with_the_choices():
     kv = KVCache(KVLayout(1, KVH, D, torch.float32), 4, BS)
     with pytest.raises(ValueError, match="sdpa"):
-        create_backend("flash", kv, max_num_tokens=16, max_model_len=64)
+        create_backend("flash", kv, max_num_tokens=16, max_num_seqs=4, max_model_len=64)
