@@ -14,16 +14,14 @@ buffer handling against the eager path that way).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from common.log import get_logger
 from services.engine.attention import AttentionBackend, AttentionMetadata, StepLayout
+from services.engine.host_step import HostStep
 from services.engine.kv_cache import KVCache
-
-if TYPE_CHECKING:
-    from services.engine.model_runner import HostStep
 
 log = get_logger("epd.engine.graphs")
 

@@ -18,6 +18,7 @@ import torch
 from services.engine.attention import AttentionMetadata, StepLayout, create_backend
 from services.engine.config import EngineConfig
 from services.engine.decode_graphs import DecodeGraphs
+from services.engine.host_step import HostStep
 from services.engine.inputs import ModelInputs
 from services.engine.kv_cache import KVCache
 from services.engine.sampler import sample
@@ -34,17 +35,6 @@ LayerHook = Callable[[int, list[ScheduledChunk]], None]
 class StepResult:
     tokens: list[int]  # one per chunk that samples, in chunk order
     logits: torch.Tensor | None  # [len(tokens), vocab] when asked for
-
-
-@dataclass(slots=True)
-class HostStep:
-    """A step's inputs on the host, padded: what is copied to the device (or into graph buffers)."""
-
-    layout: StepLayout
-    token_ids: torch.Tensor  # [padded] long
-    positions: torch.Tensor  # [3, padded] long (prefill rows with M-RoPE positions are filled on device)
-    slots: torch.Tensor  # [padded] long
-    sample_rows: list[int]  # the row of each sampling chunk's last token
 
 
 class ModelRunner:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 
+import openai
 import pytest
 
 from common.prompting import chat_prompt_ids
@@ -30,6 +32,27 @@ def image_message(image, text: str = QUESTION) -> list[dict]:
             ],
         }
     ]
+
+
+async def _ask_all(base_url: str, model: str, images, max_tokens: int) -> list[str]:
+    aclient = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=180)
+    try:
+        replies = await asyncio.gather(
+            *(
+                aclient.chat.completions.create(
+                    model=model, messages=image_message(img), max_tokens=max_tokens, temperature=0
+                )
+                for img in images
+            )
+        )
+    finally:
+        await aclient.close()
+    return [r.choices[0].message.content for r in replies]
+
+
+def ask_concurrently(base_url: str, model: str, images, max_tokens: int) -> list[str]:
+    """Greedy answers to one question per image, all sent at once (the official async client)."""
+    return asyncio.run(_ask_all(base_url, model, images, max_tokens))
 
 
 class Reference:

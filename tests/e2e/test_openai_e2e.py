@@ -3,12 +3,10 @@ greedy generate on the same checkpoint, streaming equals non-streaming, concurre
 
 from __future__ import annotations
 
-import asyncio
-
 import openai
 import pytest
 
-from tests.e2e.conftest import image_message
+from tests.e2e.conftest import ask_concurrently, image_message
 from tests.e2e.stack import running_stack
 
 TOPOLOGIES = ["E1 P1 D1", "EP1 D1", "E1 PD1", "EPD1", "E2 P1 D2"]
@@ -45,21 +43,7 @@ def test_topology_serves_transformers_answers(topology, tiny_qwen2_vl, tmp_path,
         assert usage is not None and usage.completion_tokens == reply.usage.completion_tokens
         assert finish == reply.choices[0].finish_reason
 
-        # eight concurrent requests with different images
-        async def ask_all():
-            aclient = openai.AsyncOpenAI(base_url=stack.base_url, api_key="none", max_retries=0, timeout=120)
-            replies = await asyncio.gather(
-                *(
-                    aclient.chat.completions.create(
-                        model=model, messages=image_message(img), max_tokens=MAX_TOKENS, temperature=0
-                    )
-                    for img in images
-                )
-            )
-            await aclient.close()
-            return [r.choices[0].message.content for r in replies]
-
-        assert asyncio.run(ask_all()) == expected
+        assert ask_concurrently(stack.base_url, model, images, MAX_TOKENS) == expected
     assert not stack.stage_pids(), "stage processes outlived `epd-serve up`"
 
 
@@ -76,17 +60,4 @@ def test_flex_attention_serves_transformers_answers(topology, tiny_qwen2_vl, tmp
         )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected[0]
 
-        async def ask_all():
-            aclient = openai.AsyncOpenAI(base_url=stack.base_url, api_key="none", max_retries=0, timeout=180)
-            replies = await asyncio.gather(
-                *(
-                    aclient.chat.completions.create(
-                        model=model, messages=image_message(img), max_tokens=MAX_TOKENS, temperature=0
-                    )
-                    for img in images
-                )
-            )
-            await aclient.close()
-            return [r.choices[0].message.content for r in replies]
-
-        assert asyncio.run(ask_all()) == expected
+        assert ask_concurrently(stack.base_url, model, images, MAX_TOKENS) == expected

@@ -3,12 +3,10 @@ transformers' greedy generate does (fp32), streamed and concurrent requests incl
 
 from __future__ import annotations
 
-import asyncio
-
 import openai
 import pytest
 
-from tests.e2e.conftest import image_message
+from tests.e2e.conftest import ask_concurrently, image_message
 from tests.e2e.stack import running_stack
 
 MAX_TOKENS = 16
@@ -30,17 +28,4 @@ def test_stack_on_one_gpu_serves_transformers_answers(topology, tiny_qwen2_vl, t
         )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected[1]
 
-        async def ask_all():
-            aclient = openai.AsyncOpenAI(base_url=stack.base_url, api_key="none", max_retries=0, timeout=120)
-            replies = await asyncio.gather(
-                *(
-                    aclient.chat.completions.create(
-                        model=model, messages=image_message(img), max_tokens=MAX_TOKENS, temperature=0
-                    )
-                    for img in images
-                )
-            )
-            await aclient.close()
-            return [r.choices[0].message.content for r in replies]
-
-        assert asyncio.run(ask_all()) == expected
+        assert ask_concurrently(stack.base_url, model, images, MAX_TOKENS) == expected

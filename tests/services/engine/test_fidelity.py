@@ -10,21 +10,10 @@ from common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.llm import LLM
-from services.models.loader import load_model
 from tests.reference import hf_greedy, make_image, max_logit_diff
 from tests.services.engine.split import split_generate
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
-def checkpoint(request, tiny_qwen2_vl, tiny_qwen2_5_vl):
-    return {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}[request.param]
-
-
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-    return load_model(checkpoint)
 
 
 def prompt(loaded, text, images):

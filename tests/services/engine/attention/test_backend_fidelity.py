@@ -15,20 +15,9 @@ from common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
 from services.engine.decode_graphs import DecodeGraphs
 from services.engine.engine import Engine
-from services.models.loader import load_model
 from tests.reference import hf_greedy, make_image, max_logit_diff
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
-def checkpoint(request, tiny_qwen2_vl, tiny_qwen2_5_vl):
-    return {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}[request.param]
-
-
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-    return load_model(checkpoint)
 
 
 def make_batch(loaded, n=6):
