@@ -39,7 +39,7 @@ def memory_fraction(text: str) -> float:
 
 
 def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, stack: bool) -> None:
-    """--kv-cache-memory, --gpu-memory-utilization, --attention-backend, --enforce-eager; with
+    """--kv-cache-memory, --gpu-memory-utilization, --attention-backend, --enforce-eager, --kv-staging; with
     `stack` (up, bench) the memory share is per device and --devices/--devices-for come too."""
     each = "per process, " if stack else ""
     p.add_argument("--kv-cache-memory", type=kv_cache_mib, default=None, metavar="MiB",
@@ -58,6 +58,11 @@ def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps and no compiled attention kernels, for "
                         "debugging (default: graphs and compiled kernels where the device has them)")  # fmt: skip
+    p.add_argument("--kv-staging", default="auto", choices=("auto", "on", "off"),
+                   help="decode processes: where prefill's KV lands. on: a host staging area, copied "
+                        "into the engine's own pool on arrival (what a device pool needs); off: straight "
+                        "into a shared-memory pool (CPU hosts, no copy); auto (default): on for "
+                        "accelerators, off on cpu")  # fmt: skip
     if stack:
         p.add_argument("--devices", type=devices_arg, default=None, metavar="LIST",
                        help="accelerator indices the stage processes are placed on round-robin in "

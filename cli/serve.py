@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             advertise_host=args.advertise_host, instance_id=expand_instance_id(args.instance_id),
             kv_cache_memory=kv_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
             attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+            stage_kv={"auto": None, "on": True, "off": False}[args.kv_staging],
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, threads=args.threads,
         )  # fmt: skip

@@ -39,6 +39,7 @@ class StackConfig:
     gpu_memory_utilization: float = 0.9  # share of each device, split among the processes placed on it
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    kv_staging: str = "auto"  # auto, on, off: see cli/engine_options.py
     devices: list[int] | None = None  # device indices, round-robin in topology order; None: [0]
     devices_for: list[tuple[str, list[int]]] = field(default_factory=list)  # (roles, indices)
     max_model_len: int | None = None
@@ -104,6 +105,8 @@ class Stack:
         ]  # fmt: skip
         if c.enforce_eager:
             cmd.append("--enforce-eager")
+        if c.kv_staging != "auto":
+            cmd += ["--kv-staging", c.kv_staging]
         if c.dtype:
             cmd += ["--dtype", c.dtype]
         if c.max_model_len:

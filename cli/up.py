@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         control_port=args.control_port, device=args.device, dtype=args.dtype,
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+        kv_staging=args.kv_staging,
         devices=args.devices, devices_for=args.devices_for, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         threads=args.threads or max(1, cores // n), cpus=cpus,

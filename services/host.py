@@ -51,6 +51,9 @@ class HostConfig:
     gpu_memory_utilization: float = 0.9  # share of an accelerator's memory this process may use
     attention_backend: str = "auto"  # auto, sdpa, flex (services/engine/attention/)
     enforce_eager: bool = False  # no CUDA graphs, no compiled attention kernels (debugging)
+    # decode only: land KV in a host staging area and copy it into a private pool (what a device pool
+    # needs; None: on accelerators). On CPU False writes KV straight into a shared-memory pool.
+    stage_kv: bool | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -65,12 +68,6 @@ class HostConfig:
         if "D" in roles and "P" not in roles and "E" in roles:
             raise ValueError("E and D without P in one process is not a useful co-location")
         self.roles = "".join(r for r in "EPD" if r in roles)
-        if self.device != "cpu" and ("P" in roles) != ("D" in roles):
-            # the KV hand-off moves host memory today; device-to-device transfer is next work
-            raise ValueError(
-                f"roles {self.roles!r} on {self.device}: prefill and decode in separate processes need "
-                "host memory for the KV hand-off; co-locate them (PD, EPD) on accelerators for now"
-            )
         if not self.advertise_host:
             wildcard = self.bind_host in ("0.0.0.0", "::", "*")
             self.advertise_host = socket.gethostname() if wildcard else self.bind_host
@@ -116,7 +113,9 @@ class Host:
                 enforce_eager=c.enforce_eager,
             )  # fmt: skip
             kv_buffer = None
-            if "D" in roles and "P" not in roles:  # the pool lives in data-plane memory: prefill writes it
+            decode_only = "D" in roles and "P" not in roles
+            staged = self._stages_kv()
+            if decode_only and not staged:  # the pool lives in data-plane memory: prefill writes it
                 from services.engine.memory import size_kv_pool
 
                 nbytes = size_kv_pool(fam, ecfg).nbytes  # the engine takes its size from the buffer
@@ -128,14 +127,25 @@ class Host:
         if "P" in roles:
             from services.prefill.worker import PrefillWorker
 
+            # The KV leaves after the step, once the first token is sampled: on CPU a copy during the
+            # step takes a core from the prompt; from a device pool the data planes here need host
+            # copies, which mid-step would stall the device queue at every layer. Layer-by-layer
+            # streaming needs a device-to-device path.
             self.prefill = PrefillWorker(
-                fam, self.engine, self.io, self.dataplane, decodes="D" in roles,
-                stream_kv_layers=c.device != "cpu",
-            )  # fmt: skip
+                fam, self.engine, self.io, self.dataplane, decodes="D" in roles, stream_kv_layers=False
+            )
         elif "D" in roles:
+            from services.decode.kv_landing import InPlaceLanding, StagedLanding
             from services.decode.worker import DecodeWorker
 
-            self.decode = DecodeWorker(self.engine, self.io, self.dataplane)
+            kv = self.engine.kv
+            if staged:
+                landing = StagedLanding(kv, self.dataplane, self._staging_blocks())
+                log.info("KV lands in a host staging area", staging_blocks=landing.num_blocks,
+                         pool_blocks=kv.num_blocks, device=str(kv.device))  # fmt: skip
+            else:
+                landing = InPlaceLanding(kv)
+            self.decode = DecodeWorker(self.engine, self.io, self.dataplane, landing=landing)
         if "E" in roles:
             from services.encode.worker import EncodeWorker
 
@@ -146,6 +156,19 @@ class Host:
         self.io.load = self.load
         self.handlers = self._handlers()
         self._register()
+
+    def _stages_kv(self) -> bool:
+        """Whether a decode pool is private memory fed through a host staging area: a device pool
+        (the data planes here move host memory), or on request (tests of that path on CPU)."""
+        c = self.config
+        return c.device != "cpu" if c.stage_kv is None else c.stage_kv
+
+    def _staging_blocks(self) -> int:
+        """Room for the prompts in flight: the larger of one whole context and four steps' worth of
+        prompt tokens, never more than the pool."""
+        e = self.engine
+        tokens = max(e.max_model_len, 4 * e.config.max_num_batched_tokens)
+        return min(e.kv.num_blocks, -(-tokens // e.kv.block_size) + 1)
 
     def info(self) -> InstanceInfo:
         c, e = self.config, self.engine

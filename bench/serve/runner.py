@@ -175,7 +175,8 @@ async def bench(args: argparse.Namespace, model_dir: str | None) -> dict[str, An
         model_dir=model_dir or "", dataplane=args.dataplane, device=args.device, dtype=args.dtype,
         threads=args.threads, cpus=list(args.cpus), pin=args.pin, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager, devices=args.devices, devices_for=list(args.devices_for),
+        enforce_eager=args.enforce_eager, kv_staging=args.kv_staging, devices=args.devices,
+        devices_for=list(args.devices_for),
         max_num_seqs=args.max_num_seqs, ready_timeout=args.ready_timeout,
     )  # fmt: skip
     targets: list[tuple[str, Callable[[], Any]]]

@@ -65,6 +65,7 @@ class StackOptions:
     gpu_memory_utilization: float = 0.9  # of each device, split among the processes placed on it
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    kv_staging: str = "auto"  # decode processes: auto, on, off
     devices: list[int] | None = None  # accelerator indices, round-robin; None: [0]
     devices_for: list[tuple[str, list[int]]] = field(default_factory=list)  # (roles, indices)
     max_num_seqs: int = 64
@@ -136,7 +137,7 @@ async def topology_server(topology: str, options: StackOptions) -> AsyncIterator
         model_dir=options.model_dir, topology=topo, dataplane=options.dataplane, host="127.0.0.1",
         port=port, device=options.device, dtype=options.dtype, kv_cache_memory=options.kv_cache_memory,
         gpu_memory_utilization=options.gpu_memory_utilization, attention_backend=options.attention_backend,
-        enforce_eager=options.enforce_eager, devices=options.devices,
+        enforce_eager=options.enforce_eager, kv_staging=options.kv_staging, devices=options.devices,
         devices_for=applicable(options.devices_for, topo.processes()),
         max_num_seqs=options.max_num_seqs, threads=options.threads or max(1, (os.cpu_count() or 1) // n),
         cpus=_cpus_for(options, n), ready_timeout=options.ready_timeout, restart=False,

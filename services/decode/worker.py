@@ -3,7 +3,8 @@
 Life of a request here (queues, in order):
   backlog    KV_RESERVE arrived but the pool has no room yet (retried every loop, with a deadline)
   receiving  blocks reserved, KV_DEST sent to the prefill instance; the data plane writes the prompt's
-             KV straight into those blocks (layer by layer, while prefill still computes)
+             KV where the landing says (kv_landing.py): straight into those pool blocks, or into a host
+             staging area copied into them on arrival (a device pool)
   engine     KV_READY came and every byte is in: the request joins the running batch
 Every decode step sends the new tokens of all requests in one TOKENS message. Abort, a failed
 transfer or a deadline frees the blocks wherever the request is.
@@ -19,6 +20,7 @@ from typing import Any
 from common.dataplane.base import Region, TransferState
 from common.log import get_logger
 from common.protocol import KvDest, KvReady, KvReserve, RequestError, Tokens, TokenUpdate
+from services.decode.kv_landing import InPlaceLanding
 from services.engine.kv_cache import block_offset
 
 log = get_logger("epd.decode")
@@ -29,16 +31,19 @@ class _Receiving:
     msg: KvReserve
     handle: Any
     deadline: float
+    pool_blocks: list[int]
     ready: KvReady | None = None
 
 
 class DecodeWorker:
-    def __init__(self, engine: Any, io: Any, dataplane: Any, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, engine: Any, io: Any, dataplane: Any, *, landing: Any = None, timeout_s: float = 30.0
+    ) -> None:
         self.engine = engine
         self.io = io
         self.dataplane = dataplane
         self.timeout_s = timeout_s
-        self.pool_blocks = engine.kv.num_blocks
+        self.landing = landing or InPlaceLanding(engine.kv)
         self.block_bytes = engine.kv.block_bytes
         self.backlog: dict[str, tuple[KvReserve, float]] = {}
         self.receiving: dict[str, _Receiving] = {}
@@ -60,6 +65,7 @@ class DecodeWorker:
         r = self.receiving.pop(request_id, None)
         if r is not None:
             r.handle.abort()
+            self.landing.release(request_id)
         self.engine.abort(request_id)
 
     # ---- progress ----------------------------------------------------------------------------------
@@ -108,28 +114,32 @@ class DecodeWorker:
                 continue
             if blocks is None:
                 return  # first come, first served: later ones wait behind
+            landing = self.landing.reserve(rid, blocks)
+            if landing is None:  # the staging area is full: wait, holding nothing
+                self.engine.abort(rid)
+                return
             del self.backlog[rid]
             transfer_id = uuid.uuid4().hex
+            area, bb = self.landing.num_blocks, self.block_bytes
             regions = [
-                Region(
-                    "kv", block_offset(layer, kind, b, self.pool_blocks, self.block_bytes), self.block_bytes
-                )
+                Region("kv", block_offset(layer, kind, b, area, bb), bb)
                 for layer in range(self.engine.layout.num_layers)
                 for kind in (0, 1)
-                for b in blocks
+                for b in landing
             ]
             handle = self.dataplane.expect(transfer_id, regions)
             handle.on_done(self.io.wake)
-            self.receiving[rid] = _Receiving(msg, handle, deadline)
+            self.receiving[rid] = _Receiving(msg, handle, deadline, blocks)
             dest = KvDest(
-                request_id=rid, block_ids=blocks, transfer_id=transfer_id, pool_blocks=self.pool_blocks,
-                block_bytes=self.block_bytes, dataplane=self.dataplane.descriptor(),
+                request_id=rid, block_ids=landing, transfer_id=transfer_id, pool_blocks=area,
+                block_bytes=bb, dataplane=self.dataplane.descriptor(),
             )  # fmt: skip
             self.io.send(msg.prefill_address, dest)
 
     def _admit(self, rid: str, r: _Receiving) -> None:
         if r.ready is not None and r.handle.poll() is TransferState.SUCCESS:
             del self.receiving[rid]
+            self.landing.land(rid, r.pool_blocks)
             self.engine.admit_reserved(rid, r.ready.token_ids, r.ready.rope_delta)
             log.info("decode admitted", request_id=rid, prompt_tokens=r.ready.num_prompt_tokens)
 

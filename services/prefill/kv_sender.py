@@ -5,8 +5,12 @@ layer's keys and values for the step are in the pool, and the blocks of every pr
 this step go out on the data plane's own thread while the next layer computes (on CPU hosts, where a
 copy competes with the prompt for cores, the layers wait for the end of the step and go out right after
 the first token). If the decode instance's destination (KV_DEST) has not arrived yet, layers wait in a
-list and go when it does. When every layer has arrived on the other
-side and the first token is known, decode gets KV_READY and the blocks here are freed.
+list and go when it does. When every layer has arrived on the other side and the first token is known,
+decode gets KV_READY and the blocks here are freed.
+
+A pool in device memory goes out through pinned host copies of its blocks (host staging: the data
+planes here move host memory), after the step, when the first token has been sampled and the device
+is idle anyway; the decode side lands them in its own staging area (services/decode/kv_landing.py).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from common.dataplane.base import Region, TransferState
 from common.protocol import KvDest, KvReady
@@ -34,6 +40,7 @@ class Handoff:
     sent_layers: int = 0
     handles: list[Any] = field(default_factory=list)
     ready: KvReady | None = None  # set once the first token is sampled
+    staged: list[Any] = field(default_factory=list)  # host copies of device blocks, alive until sent
 
 
 class KVSender:
@@ -134,11 +141,22 @@ class KVSender:
             for src, dst, count in _runs(h.seq.block_table[:n_blocks], dest.block_ids):
                 offset = block_offset(layer, kind, dst, dest.pool_blocks, dest.block_bytes)
                 region = Region("kv", offset, count * dest.block_bytes)
-                items.append((byte_view(pool[layer, kind, src : src + count]), region))
+                items.append((byte_view(self._host_source(h, pool[layer, kind, src : src + count])), region))
         handle = self.dataplane.write(dest.dataplane, dest.transfer_id, items)
         handle.on_done(self.io.wake)
         h.handles.append(handle)
         h.sent_layers += 1
+
+    @staticmethod
+    def _host_source(h: Handoff, blocks):
+        """The blocks as host memory the data plane can read: the pool itself on a CPU host; on an
+        accelerator a pinned host copy (staging), kept with the hand-off until its writes are final."""
+        if blocks.device.type == "cpu":
+            return blocks
+        staged = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=blocks.device.type == "cuda")
+        staged.copy_(blocks)
+        h.staged.append(staged)
+        return staged
 
 
 def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
