@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device check on a fresh NVIDIA machine that has torch and transformers installed (no network
-# needed): fidelity on cuda (fp32 and bf16, every attention backend, decode CUDA graphs), E1 PD1 and
+# needed): fidelity on cuda (fp32 and bf16, every attention backend, decode CUDA graphs), E1 PD1, E1 P1 D1 and
 # EPD1 stacks on one GPU answering the openai client like transformers, bench-engine on the mid preset
 # against transformers' generate, and a batch-64 decode step against the memory roofline. Writes one
 # JSON summary. Target: under 8 minutes on one H200.

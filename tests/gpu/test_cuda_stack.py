@@ -1,5 +1,6 @@
-"""Stacks on one GPU (every process on device 0) answer the official openai client exactly as
-transformers' greedy generate does (fp32), streamed and concurrent requests included."""
+"""Stacks on one GPU (every process on device 0; split prefill and decode hand the KV over through
+host staging) answer the official openai client exactly as transformers' greedy generate does (fp32),
+streamed and concurrent requests included."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.e2e.stack import running_stack
 MAX_TOKENS = 16
 
 
-@pytest.mark.parametrize("topology", ["E1 PD1", "EPD1"])
+@pytest.mark.parametrize("topology", ["E1 PD1", "EPD1", "E1 P1 D1"])  # E1 P1 D1: KV through host staging
 def test_stack_on_one_gpu_serves_transformers_answers(topology, tiny_qwen2_vl, tmp_path, reference, images):
     expected = [reference.answer(img, MAX_TOKENS) for img in images]
     extra = ("--device", "cuda", "--dtype", "float32", "--max-num-seqs", "16")
