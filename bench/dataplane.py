@@ -8,7 +8,7 @@ backend delivers. Every backend first writes once into the same destination (unt
 pays for mapping pages and opening connections, which a serving process does once at start-up.
 Each timed transfer reuses that buffer; the bytes are checked against the source afterwards.
 
-    python -m bench.dataplane [--backends shm,tcp,torchdist] [--sizes 1,16,256] [--repeats 5]
+    python -m bench.dataplane [--backends shm,tcp,torchdist,mooncake,nixl] [--sizes 1,16,256] [--repeats 5]
 
 The producer runs `python -m bench.dataplane --peer BACKEND`, driven by JSON lines on stdin: only
 descriptors, ids and timestamps cross between the processes; the bytes go over the backend measured.
@@ -199,7 +199,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--backends", default="shm,tcp,torchdist", help="comma list (default shm,tcp,torchdist)"
+        "--backends", default="shm,tcp,torchdist,mooncake,nixl", help="comma list (default %(default)s)"
     )
     parser.add_argument(
         "--sizes", default="1,16,256", help="transfer sizes in MiB, comma list (default 1,16,256)"

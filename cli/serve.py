@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
         "--gateway", required=True, metavar="ADDR", help="the gateway's control address, tcp://HOST:PORT"
     )
     p.add_argument("--model", required=True, help="checkpoint folder")
-    p.add_argument("--dataplane", default="auto", help="auto (default), shm, tcp, torchdist")
+    p.add_argument("--dataplane", default="auto", help="auto (default), shm, tcp, torchdist, mooncake, nixl")
     p.add_argument("--device", default="cpu",
                    help="cpu (default), cuda, cuda:N, npu, or auto (cuda when one is visible, else cpu)")  # fmt: skip
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, else bfloat16)")

@@ -30,7 +30,11 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--topology", default="E1 P1 D1", help='processes and roles, e.g. "E1 P1 D1", "EP1 D1", "EPD1"'
     )
-    p.add_argument("--dataplane", default="auto", help="auto (default: shm on one host), shm, tcp, torchdist")
+    p.add_argument(
+        "--dataplane",
+        default="auto",
+        help="auto (default: shm on one host), shm, tcp, torchdist, mooncake, nixl",
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--control-port", type=int, default=0, help="gateway control port (default: any free)")

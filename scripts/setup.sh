@@ -15,9 +15,18 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "==> installing $TORCH_SPEC"
   .venv/bin/pip install --quiet --disable-pip-version-check "$TORCH_SPEC"
 fi
+# Mooncake's CPU build needs the RDMA verbs library even for its TCP transport (Debian: libibverbs1).
+# Without it (no root, no apt) the mooncake tests are skipped with that reason; nothing else needs it.
+if ! ldconfig -p 2>/dev/null | grep -q "libibverbs.so.1 " && command -v apt-get >/dev/null \
+   && [ "$(id -u)" = 0 ]; then
+  echo "==> installing libibverbs1 (for the mooncake data plane)"
+  apt-get install -y -q libibverbs1 >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libibverbs1 >/dev/null 2>&1; } \
+    || echo "    could not install libibverbs1: the mooncake tests will be skipped"
+fi
 if ! .venv/bin/python -c "import cli.main, pytest, openai" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.epd-installed ]; then
-  echo "==> installing epd-serve (editable) with test and bench extras"
-  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+  echo "==> installing epd-serve (editable) with the test, bench, mooncake and nixl extras"
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,bench,mooncake,nixl]"
   touch .venv/.epd-installed
 fi

@@ -103,7 +103,8 @@ class Host:
         self.model = model
         fam = model.family
         backend = resolve_backend(c.dataplane, same_host=True)
-        self.dataplane = create_dataplane(backend, host=c.bind_host, advertise_host=c.advertise_host)
+        where = {"device": c.device} if backend == "torchdist" else {}  # its library follows the device
+        self.dataplane = create_dataplane(backend, host=c.bind_host, advertise_host=c.advertise_host, **where)
         roles = c.roles
         if "P" in roles or "D" in roles:
             ecfg = EngineConfig(

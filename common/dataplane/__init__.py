@@ -2,8 +2,9 @@
 
 The consumer owns destination memory and publishes a descriptor; producers write regions of it; each
 side follows a transfer through a TransferHandle (poll / wait / abort). Backends: fake (in-process),
-shm (one host), tcp (anywhere), torchdist (torch.distributed send/recv). Importing this package loads
-no backend and never torch: `create_dataplane` imports the one asked for.
+shm (one host), tcp (anywhere), torchdist (torch.distributed: NCCL, HCCL, gloo), mooncake (Mooncake
+Transfer Engine: RDMA or TCP), nixl (NIXL over UCX). Importing this package loads no backend and never
+torch: `create_dataplane` imports the one asked for.
 """
 
 from common.dataplane.base import DataPlane, Region, TransferHandle, TransferState

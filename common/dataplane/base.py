@@ -10,12 +10,18 @@ on the compute thread: `poll()` is non-blocking, `abort()` gives up on a transfe
 The life of one transfer, as the consumer sees it: expect() -> PENDING -> first bytes -> TRANSFERRING ->
 every region covered -> SUCCESS; or abort()/producer cancel/bad bytes -> FAILED. Bytes may arrive before
 expect() (the producer prefetches); the plane remembers them and the later expect() sees them at once.
+
+Memory is host memory unless a backend says otherwise: `DataPlane.devices` names the kinds of memory
+(torch's device types) a plane reads as sources and adopts as destinations, and a plane refuses the
+others with an error saying so (or, for a source, may copy it to host). A producer whose data sits on
+a device the plane does not list stages it through host memory itself.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+import sys
 import threading
 import time
 import uuid
@@ -147,7 +153,18 @@ class TransferHandle:
         return True
 
 
-Source = Any  # memoryview | bytes | bytearray | numpy.ndarray | torch.Tensor (contiguous bytes)
+Source = Any  # memoryview | bytes | bytearray | numpy.ndarray | torch.Tensor (host, or a device in `devices`)
+
+
+def device_type(obj: Any) -> str:
+    """The kind of memory behind a source or buffer: a torch tensor's device type, else "cpu".
+
+    Torch is never imported here; a tensor is recognised only when torch is already loaded.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return obj.device.type
+    return "cpu"
 
 
 class DataPlane(abc.ABC):
@@ -158,6 +175,10 @@ class DataPlane(abc.ABC):
     """
 
     backend: ClassVar[str]
+    # The kinds of memory (torch device types) this plane reads and writes; "cpu" is host memory.
+    # A backend that moves device memory lists its device here (on the instance when it depends on
+    # how the plane was made, as for torchdist).
+    devices: tuple[str, ...] = ("cpu",)
 
     def __init__(self) -> None:
         self.id = uuid.uuid4().hex
@@ -179,7 +200,10 @@ class DataPlane(abc.ABC):
 
     @abc.abstractmethod
     def register(self, buffer_id: str, buffer: Any) -> None:
-        """Adopt existing writable memory (bytearray, numpy array, CPU torch tensor) as a destination."""
+        """Adopt existing writable memory (bytearray, numpy array, torch tensor) as a destination.
+
+        A tensor must live in host memory or on a device in `devices` (else ValueError).
+        """
 
     @abc.abstractmethod
     def expect(self, transfer_id: str, regions: Sequence[Region]) -> TransferHandle:
@@ -198,6 +222,8 @@ class DataPlane(abc.ABC):
         """Start copying each source into its region of `peer`; returns at once.
 
         Sources must stay unmodified until the handle is final: they are read in place (zero copy).
+        A device tensor is read where it is when its device is in `devices`; a backend that does not
+        list it refuses it or copies it to host first.
         """
 
     @abc.abstractmethod

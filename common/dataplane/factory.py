@@ -7,13 +7,15 @@ from typing import Any
 
 from common.dataplane.base import DataPlane
 
-BACKENDS = ("fake", "shm", "tcp", "torchdist")
+BACKENDS = ("fake", "shm", "tcp", "torchdist", "mooncake", "nixl")
 
 _CLASSES = {
     "fake": ("common.dataplane.fake", "FakeDataPlane"),
     "shm": ("common.dataplane.shm", "ShmDataPlane"),
     "tcp": ("common.dataplane.tcp", "TcpDataPlane"),
     "torchdist": ("common.dataplane.torchdist", "TorchDistDataPlane"),
+    "mooncake": ("common.dataplane.mooncake", "MooncakeDataPlane"),
+    "nixl": ("common.dataplane.nixl", "NixlDataPlane"),
 }
 
 

@@ -1,70 +1,89 @@
 """torchdist: point-to-point send/recv over a torch.distributed process group per producer/consumer pair.
 
+The collective library follows the plane's device: gloo for host memory (`device="cpu"`, the default),
+nccl for `cuda` / `cuda:N`, hccl for `npu` (torch_npu, imported only then). Each rank uses its own
+process's device; the peer's must be another one (torchdist_pairing refuses two ranks on one GPU).
+
 No global default group: the consumer hosts a `TCPStore`, and each producer that writes to it opens a
 two-rank group under its own store prefix (producer rank 1, consumer rank 0). The ZeroMQ channel carries
-the coordination: "hello" asks the consumer to join a new group, then each chunk is announced by a "send"
-header just before the producer sends it, and a per-pair thread on the consumer posts the matching recv
-straight into the destination region (`torch.frombuffer` over the buffer). Sends and recvs of a pair use
-one tag and match by order, which the single PUSH socket and the single sender thread per peer keep.
+the coordination: "hello" asks the consumer to join a new group; then each batch of chunks is announced
+by one "send" message (frame 0 the first chunk's header, one more frame per further chunk) just before
+the producer posts the batch's sends with `dist.batch_isend_irecv`; a per-pair thread on the consumer
+posts the same batch of recvs, straight into the destination where it can. Sends and recvs of a pair
+use one tag and match by order, which the single PUSH socket and the single sender thread per peer keep.
 Each direction between two processes is its own group, so it does not matter which side writes first.
 
-Backends: "gloo" (CPU, the default and the only one tested), "nccl" (CUDA), "hccl" (Ascend, through
-torch_npu, imported only then). Limits:
+Memory: a source may be host memory (memoryview, bytes, numpy, CPU tensor) or a tensor on the plane's
+device; a destination may be host memory or a tensor on the plane's device (`register`). Device to
+device there is no host bounce; host memory on an accelerator plane is staged through device memory
+(that side only). Batches are waited on by the sender and pair threads, never by the compute thread;
+a device source is sent after the kernels queued before `write()` on the caller's stream.
 
-- destinations are host memory; with nccl/hccl each chunk is staged through device memory on both sides
-  (registering device tensors as destinations is not supported yet);
-- abort() takes effect between chunks (`chunk_bytes`): an announced chunk is always sent, since the
-  consumer has posted its recv; bytes of a chunk in flight when the consumer aborts still land;
-- a producer that dies mid-chunk leaves the consumer's recv waiting until `timeout`, then that pair is
-  dropped (its transfers fail) and the producer's next write opens a new group;
-- the channel is trusted: a forged "send" header for a live pair would desynchronise it until timeout.
+Limits:
+- abort() takes effect between batches (`batch_bytes`, `batch_chunks`): an announced batch is always
+  sent, since the consumer has posted its recvs; a batch in flight when the consumer aborts still lands;
+- a producer that dies mid-batch leaves the consumer's recvs waiting until `timeout`, then that pair is
+  dropped (its transfers fail) and the producer's next write opens a new group; with nccl, torch's
+  watchdog acts at the same timeout, by default ending the process (TORCH_NCCL_ASYNC_ERROR_HANDLING);
+- the channel is trusted: a forged "send" message for a live pair would desynchronise it until timeout.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
 import socket
-import threading
-import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import msgspec
 import torch
 import torch.distributed as dist
 import zmq
 
 from common.dataplane import wire
+from common.dataplane.base import Region
 from common.dataplane.channel import ChannelDataPlane
 from common.dataplane.memory import byte_view
-from common.dataplane.sender import Job, PeerSender
+from common.dataplane.sender import Aborted, Job, PeerSender
+from common.dataplane.torchdist_device import (
+    Lane,
+    identity,
+    local_device,
+    pair_group,
+    post,
+    ready_event,
+    release_group,
+    settle,
+)
+from common.dataplane.torchdist_pair import Pair
+from common.dataplane.torchdist_pairing import DIST_BACKENDS, choose, pairing_problem
 
-log = logging.getLogger("epd.dataplane")
-
-DIST_BACKENDS = ("gloo", "nccl", "hccl")
-_TAG = 0
+__all__ = ["DIST_BACKENDS", "TorchDistDataPlane"]
 
 
-def _device_for(dist_backend: str) -> torch.device:
-    """Check the collective library is usable here; the device its tensors must live on."""
-    if dist_backend == "gloo":
-        if not dist.is_gloo_available():
-            raise RuntimeError("torch.distributed was built without gloo")
-        return torch.device("cpu")
-    if dist_backend == "nccl":
-        if not (dist.is_nccl_available() and torch.cuda.is_available()):
-            raise RuntimeError("torchdist backend 'nccl' needs a CUDA build of torch and a visible GPU")
-        return torch.device("cuda", torch.cuda.current_device())
-    if dist_backend == "hccl":
-        try:
-            import torch_npu  # noqa: F401  (registers the npu device and HCCL)
-        except ImportError as exc:
-            raise RuntimeError(
-                "torchdist backend 'hccl' needs torch_npu and Huawei's CANN runtime (pip install '.[npu]')"
-            ) from exc
-        return torch.device("npu", torch.npu.current_device())  # type: ignore[attr-defined]
-    raise ValueError(f"unknown torchdist backend {dist_backend!r}; choose one of {', '.join(DIST_BACKENDS)}")
+class _Outgoing:
+    """A source as the sender thread reads it: flat bytes, and the event that says they are ready."""
+
+    __slots__ = ("tensor", "ready")
+
+    def __init__(self, tensor: torch.Tensor, ready: Any | None = None) -> None:
+        self.tensor, self.ready = tensor, ready
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel()
+
+
+Chunk = tuple[_Outgoing, Region, int, int]  # source, region, offset in the region, length
+
+
+def _announcement(transfer_id: str, key: str, batch: list[Chunk]) -> list[bytes]:
+    """The one "send" message for a batch: a header per chunk, in the order its sends are posted."""
+    return [
+        wire.encode(wire.Header(transfer_id, r.buffer_id, r.offset, r.length, "send", s, n, sender=key))
+        for _, r, s, n in batch
+    ]
 
 
 class TorchDistDataPlane(ChannelDataPlane):
@@ -73,100 +92,151 @@ class TorchDistDataPlane(ChannelDataPlane):
     def __init__(
         self,
         *,
-        dist_backend: str = "gloo",
+        device: str | None = None,
+        dist_backend: str | None = None,
         chunk_bytes: int = 32 << 20,
+        batch_bytes: int = 128 << 20,
+        batch_chunks: int = 64,
         timeout: float = 60.0,
         host: str = "127.0.0.1",
         advertise_host: str | None = None,
         **options: Any,
     ) -> None:
-        self.device = _device_for(dist_backend)
+        spec, self.dist_backend = choose(device, dist_backend)
+        self.device = local_device(spec, self.dist_backend)
+        self.devices = ("cpu",) if self.device.type == "cpu" else ("cpu", self.device.type)
+        self.identity = identity(self.device)
         super().__init__(host=host, advertise_host=advertise_host, **options)
-        self.dist_backend = dist_backend
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes, self.batch_bytes, self.batch_chunks = chunk_bytes, batch_bytes, batch_chunks
         self.timeout = timedelta(seconds=timeout)
         self._local_host = advertise_host or host
         self._store = dist.TCPStore(host, 0, None, True, self.timeout, wait_for_workers=False)
-        self._pairs: dict[str, _Pair] = {}
+        self._pairs: dict[str, Pair] = {}
 
     def descriptor(self) -> dict[str, Any]:
         return {
             **super().descriptor(),
+            **self.identity,
             "store_host": self._local_host,
             "store_port": self._store.port,
             "dist_backend": self.dist_backend,
         }
 
-    def make_group(self, store: Any, rank: int) -> Any:
-        """A two-rank process group on `store` (blocks until the other rank joins)."""
-        if self.dist_backend == "gloo":
-            opts = dist.ProcessGroupGloo._Options()
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self._local_host)]
-            opts._timeout = self.timeout
-            return dist.ProcessGroupGloo(store, rank, 2, opts)
-        if self.dist_backend == "nccl":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = self.timeout
-            return dist.ProcessGroupNCCL(store, rank, 2, opts)
-        from torch_npu._C._distributed_c10d import ProcessGroupHCCL  # type: ignore[import-not-found]
+    def make_group(self, store: Any, rank: int, name: str) -> Any:
+        return pair_group(self.dist_backend, store, rank, self.timeout, self._local_host, name)
 
-        opts = ProcessGroupHCCL.Options()
-        opts._timeout = self.timeout
-        return ProcessGroupHCCL(store, rank, 2, opts)
+    def device_tensor(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """`tensor`'s bytes as a flat uint8 tensor, refused unless in host memory or on this plane's
+        device (a device tensor elsewhere would need a copy the caller should see and choose)."""
+        if tensor.device.type != "cpu" and tensor.device != self.device:
+            where = "host memory" if self.device.type == "cpu" else f"host memory and {self.device}"
+            raise ValueError(
+                f"torchdist over {self.dist_backend} moves {where}; this {what} is on {tensor.device} "
+                f"(a plane made with device={tensor.device.type!r} moves that memory)"
+            )
+        if what == "destination" and not tensor.is_contiguous():
+            raise ValueError("a destination tensor must be contiguous")
+        return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
     # -- consumer side --------------------------------------------------------------------------------
+
+    def register(self, buffer_id: str, buffer: Any) -> None:
+        if isinstance(buffer, torch.Tensor) and buffer.device.type != "cpu":
+            self.buffers.add(buffer_id, self.device_tensor(buffer, "destination"))  # type: ignore[arg-type]
+            return
+        super().register(buffer_id, buffer)
 
     def on_message(self, header: wire.Header, payload: list[zmq.Frame]) -> None:
         if header.kind == "hello":
             if header.sender in self._pairs:
                 self.reject(header, f"process group {header.sender!r} exists already")
                 return
-            self._pairs[header.sender] = _Pair(self, header.sender)
-        elif header.kind == "send" and not payload and header.sender in self._pairs:
-            self._pairs[header.sender].announce(header)
+            self._pairs[header.sender] = Pair(self, header.sender)
+        elif header.kind == "send" and header.sender in self._pairs:
+            try:
+                batch = [header, *(wire.decode(frame.buffer) for frame in payload)]
+            except msgspec.DecodeError as exc:
+                self.reject(header, f"malformed batch announcement: {exc}")
+                return
+            if any(h.kind != "send" or h.sender != header.sender or h.chunk_length <= 0 for h in batch):
+                self.reject(header, "a batch announcement mixes kinds or senders, or has an empty chunk")
+                return
+            self._pairs[header.sender].announce(batch)
         else:
             self.reject(header, f"unexpected {header.kind!r} message (sender {header.sender!r})")
 
     def drop_pair(self, key: str) -> None:
         self._pairs.pop(key, None)
 
+    @property
+    def store(self) -> Any:
+        """The store this plane hosts for its producers' groups."""
+        return self._store
+
     # -- producer side --------------------------------------------------------------------------------
 
-    def source(self, obj: Any) -> torch.Tensor:
+    def source(self, obj: Any) -> _Outgoing:
         if isinstance(obj, torch.Tensor):
-            return obj.detach().contiguous().reshape(-1).view(torch.uint8)
+            flat = self.device_tensor(obj, "source")
+            return _Outgoing(flat, ready_event(flat))
         view = byte_view(obj)
         if view.readonly:  # torch wants writable memory even to send; copy immutable sources
             view = memoryview(bytearray(view))
-        return torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
+        flat = torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0, dtype=torch.uint8)
+        return _Outgoing(flat)
 
     def send_job(self, sender: PeerSender, job: Job) -> None:
         handle = job.handle
         group = sender.state.get("group") or self._connect(sender)
         try:
-            for tensor, region in job.items:
-                for start in range(0, region.length, self.chunk_bytes):
+            with sender.state["lane"] as lane:
+                for batch in self._batches(job.items):
                     sender.check(handle)
-                    chunk = tensor[start : start + self.chunk_bytes]
-                    header = wire.Header(
-                        handle.transfer_id,
-                        region.buffer_id,
-                        region.offset,
-                        region.length,
-                        "send",
-                        chunk_offset=start,
-                        chunk_length=chunk.numel(),
-                        sender=sender.state["key"],
-                    )
-                    sender.send([wire.encode(header)], None)
-                    group.send([chunk.to(self.device)], 0, _TAG).wait()
-                    handle.add_bytes(chunk.numel(), job.started)
-        except RuntimeError:
-            sender.state.clear()  # the group is unusable after an error; the next write reconnects
+                    tensors = self._outgoing(lane, batch)
+                    sender.send(_announcement(handle.transfer_id, sender.state["key"], batch), None)
+                    settle(post(dist.isend, tensors, group, 0), self.device, self.timeout.total_seconds())
+                    handle.add_bytes(sum(t.numel() for t in tensors), job.started)
+        except Aborted:
             raise
+        except Exception:
+            self.release_peer(sender)  # the group is unusable after an error; the next write reconnects
+            raise
+
+    def _batches(self, items: list[tuple[_Outgoing, Region]]) -> Iterator[list[Chunk]]:
+        """The job's chunks in batches of at most `batch_chunks` chunks and `batch_bytes` bytes (a
+        single chunk may exceed it): one announcement and one `batch_isend_irecv` each."""
+        batch: list[Chunk] = []
+        size = 0
+        for out, region in items:
+            for start in range(0, region.length, self.chunk_bytes):
+                n = min(self.chunk_bytes, region.length - start)
+                if batch and (len(batch) == self.batch_chunks or size + n > self.batch_bytes):
+                    yield batch
+                    batch, size = [], 0
+                batch.append((out, region, start, n))
+                size += n
+        if batch:
+            yield batch
+
+    def _outgoing(self, lane: Lane, batch: list[Chunk]) -> list[torch.Tensor]:
+        """The batch's chunks on this plane's device: device sources in place (after their producer's
+        kernels), host sources copied into one staging tensor when the plane is on an accelerator."""
+        staged = sum(n for out, _, _, n in batch if out.tensor.device != self.device)
+        staging = torch.empty(staged, dtype=torch.uint8, device=self.device) if staged else None
+        tensors, used = [], 0
+        for out, _, start, n in batch:
+            chunk = out.tensor[start : start + n]
+            lane.wait(out.ready)
+            if staging is not None and chunk.device != self.device:
+                chunk = staging[used : used + n].copy_(chunk)
+                used += n
+            tensors.append(chunk)
+        return tensors
 
     def _connect(self, sender: PeerSender) -> Any:
         peer = sender.peer
+        if (problem := pairing_problem(self.descriptor(), peer)) is not None:
+            raise ValueError(f"torchdist refuses this pair: {problem}")
         address = (peer["store_host"], peer["store_port"])
         try:  # fail fast on a dead peer; the store client would retry (and log) until its timeout
             socket.create_connection(address, timeout=min(5.0, self.timeout.total_seconds())).close()
@@ -177,9 +247,14 @@ class TorchDistDataPlane(ChannelDataPlane):
         store = dist.TCPStore(address[0], address[1], None, False, self.timeout)
         key = f"{self.id}-{uuid.uuid4().hex[:8]}"
         sender.send([wire.encode(wire.Header("", "", 0, 0, "hello", sender=key))], None)
-        group = self.make_group(dist.PrefixStore(key, store), rank=1)
-        sender.state.update(group=group, store=store, key=key)
+        group = self.make_group(dist.PrefixStore(key, store), rank=1, name=key)
+        sender.state.update(group=group, store=store, key=key, lane=Lane(self.device))
         return group
+
+    def release_peer(self, sender: PeerSender) -> None:
+        if (group := sender.state.get("group")) is not None:
+            release_group(group, self.dist_backend)
+        sender.state.clear()
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -188,70 +263,3 @@ class TorchDistDataPlane(ChannelDataPlane):
         for pair in list(self._pairs.values()):
             pair.stop()
         self._store = None  # stops the store's server once no pair thread holds a prefix of it
-
-
-class _Pair:
-    """The consumer's end of one producer's group: a thread posting recvs in announcement order."""
-
-    def __init__(self, plane: TorchDistDataPlane, key: str) -> None:
-        self.plane = plane
-        self.key = key
-        self._announced: queue.Queue[wire.Header | None] = queue.Queue()
-        self._scratch = torch.empty(0, dtype=torch.uint8, device=plane.device)
-        self._thread = threading.Thread(target=self._run, name=f"epd-dataplane-pair-{key[:8]}", daemon=True)
-        self._thread.start()
-
-    def announce(self, header: wire.Header) -> None:
-        self._announced.put(header)
-
-    def stop(self) -> None:
-        self._announced.put(None)
-        self._thread.join(timeout=1)
-
-    def _run(self) -> None:
-        plane = self.plane
-        try:
-            group = plane.make_group(dist.PrefixStore(self.key, plane._store), rank=0)
-            while (header := self._announced.get()) is not None:
-                self._receive(group, header)
-        except Exception as exc:
-            log.warning("process group %s failed: %s", self.key, exc)
-            plane.drop_pair(self.key)
-            while not self._announced.empty():
-                if (header := self._announced.get()) is not None:
-                    plane.ledger.fail(header.transfer_id, f"process group failed: {exc}")
-
-    def _receive(self, group: Any, header: wire.Header) -> None:
-        """Post the recv the producer is about to match; bytes that are not wanted go to scratch."""
-        plane = self.plane
-        n = header.chunk_length
-        start = header.offset + header.chunk_offset
-        problem = plane.buffers.problem(header.region)
-        if problem is None and (header.chunk_offset < 0 or start + n > header.region.end):
-            problem = "chunk lies outside its region"
-        dest = None if problem else plane.buffers.view(header.buffer_id, start, start + n)
-        if problem is None and dest is None:
-            problem = f"buffer {header.buffer_id!r} is gone"
-        keep = dest is not None and plane.ledger.admits(header.transfer_id)
-        direct = keep and plane.device.type == "cpu"
-        if direct:
-            target = torch.frombuffer(dest, dtype=torch.uint8)
-        else:
-            if self._scratch.numel() < n:
-                self._scratch = torch.empty(n, dtype=torch.uint8, device=plane.device)
-            target = self._scratch[:n]
-        began = time.monotonic()
-        try:
-            group.recv([target], 1, _TAG).wait()
-        except RuntimeError as exc:
-            plane.ledger.fail(header.transfer_id, f"receive failed: {exc}")
-            raise
-        if problem is not None:
-            plane.reject(header, problem)
-        elif not keep:
-            log.info("dropped %d bytes for finished transfer %s", n, header.transfer_id)
-        else:
-            if not direct:
-                torch.frombuffer(dest, dtype=torch.uint8).copy_(target)
-            if plane.ledger.deliver(header.transfer_id, header.buffer_id, start, start + n, began=began):
-                plane.count_received(n)

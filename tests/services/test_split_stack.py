@@ -9,6 +9,8 @@ import io
 import pytest
 
 from cli.stack import Stack, StackConfig
+from common.dataplane.mooncake import unavailable_reason as mooncake_missing
+from common.dataplane.nixl import unavailable_reason as nixl_missing
 from common.hashing import content_hash
 from common.prompting import chat_prompt_ids
 from common.sampling_params import SamplingParams
@@ -17,6 +19,9 @@ from common.vision_geometry import VisionGeometry
 from gateway.backend import GenerateRequest, ImageInput
 from services.models.loader import load_model
 from tests.reference import hf_greedy, make_image
+
+needs_mooncake = pytest.mark.skipif(bool(mooncake_missing()), reason=str(mooncake_missing()))
+needs_nixl = pytest.mark.skipif(bool(nixl_missing()), reason=str(nixl_missing()))
 
 
 def request_with_image(model_dir, tokenizer, rid, width, height, seed, max_tokens=12):
@@ -42,7 +47,9 @@ async def collect(cluster, request):
 
 @pytest.mark.parametrize(
     ("dataplane", "family"),
-    [("shm", "qwen2_vl"), ("tcp", "qwen2_vl"), ("torchdist", "qwen2_vl"), ("shm", "qwen2_5_vl")],
+    [("shm", "qwen2_vl"), ("tcp", "qwen2_vl"), ("torchdist", "qwen2_vl"), ("shm", "qwen2_5_vl")]
+    + [pytest.param("mooncake", "qwen2_vl", marks=needs_mooncake)]
+    + [pytest.param("nixl", "qwen2_vl", marks=needs_nixl)],
 )
 def test_every_dataplane_gives_transformers_tokens(dataplane, family, request):
     checkpoint = request.getfixturevalue(f"tiny_{family}")

@@ -20,6 +20,16 @@ from dataplane_harness import Peer, start_peers  # noqa: E402
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "mooncake":
+        from common.dataplane.mooncake import unavailable_reason
+
+        if (reason := unavailable_reason()) is not None:
+            pytest.skip(reason)
+    if request.param == "nixl":
+        from common.dataplane.nixl import unavailable_reason as nixl_missing
+
+        if (reason := nixl_missing()) is not None:
+            pytest.skip(reason)
     return request.param
 
 

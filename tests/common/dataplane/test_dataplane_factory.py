@@ -18,11 +18,11 @@ def test_auto_is_shm_on_one_host_and_tcp_across_hosts():
     assert resolve_backend("auto", same_host=True) == "shm"
     assert resolve_backend("auto", same_host=False) == "tcp"
     assert resolve_backend("torchdist", same_host=True) == "torchdist"
-    assert BACKENDS == ("fake", "shm", "tcp", "torchdist")
+    assert BACKENDS == ("fake", "shm", "tcp", "torchdist", "mooncake", "nixl")
 
 
 def test_unknown_backend_names_the_known_ones():
-    with pytest.raises(ValueError, match="fake, shm, tcp, torchdist"):
+    with pytest.raises(ValueError, match="fake, shm, tcp, torchdist, mooncake, nixl"):
         resolve_backend("carrier-pigeon", same_host=True)
     with pytest.raises(ValueError, match="unknown data-plane backend"):
         create_dataplane("rdma")
