@@ -179,6 +179,11 @@ class DataPlane(abc.ABC):
     # A backend that moves device memory lists its device here (on the instance when it depends on
     # how the plane was made, as for torchdist).
     devices: tuple[str, ...] = ("cpu",)
+    # Seconds after a consumer's abort() during which bytes of that transfer may still land in its
+    # memory (a producer finishing the chunk or batch it had started): the consumer must not hand that
+    # memory to anyone else before (fence, then free). 0: nothing lands once abort() returns (the
+    # bytes are copied under the ledger's lock).
+    abort_fence_s: float = 0.0
 
     def __init__(self) -> None:
         self.id = uuid.uuid4().hex

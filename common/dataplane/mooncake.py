@@ -76,6 +76,7 @@ def _has_rdma_devices(engine: Any) -> bool:
 
 class MooncakeDataPlane(ChannelDataPlane):
     backend = "mooncake"
+    abort_fence_s = 2.0  # the abort board is read before each batch: the one in flight still lands
 
     def __init__(
         self,

@@ -52,6 +52,7 @@ __all__ = ["NixlDataPlane", "unavailable_reason"]
 
 class NixlDataPlane(ChannelDataPlane):
     backend = "nixl"
+    abort_fence_s = 2.0  # granted batches in flight (the window) still land after abort()
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ log = logging.getLogger("epd.dataplane")
 
 class ShmDataPlane(ChannelDataPlane):
     backend = "shm"
+    abort_fence_s = 2.0  # the producer checks the abort board between chunks: the one in flight still lands
 
     def __init__(self, *, chunk_bytes: int = 16 << 20, **options: Any) -> None:
         super().__init__(**options)

@@ -88,6 +88,7 @@ def _announcement(transfer_id: str, key: str, batch: list[Chunk]) -> list[bytes]
 
 class TorchDistDataPlane(ChannelDataPlane):
     backend = "torchdist"
+    abort_fence_s = 2.0  # an announced batch is always received, after abort() too
 
     def __init__(
         self,

@@ -7,7 +7,9 @@ Life of a request here (queues, in order):
              staging area copied into them on arrival (a device pool)
   engine     KV_READY came and every byte is in: the request joins the running batch
 Every decode step sends the new tokens of all requests in one TOKENS message. Abort, a failed
-transfer or a deadline frees the blocks wherever the request is.
+transfer or a deadline frees the blocks wherever the request is, fence first: while bytes of an
+aborted transfer may still land (the data plane's `abort_fence_s`: a producer finishing the chunk it
+had started), its blocks stay out of everyone's reach, and only then are they freed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class DecodeWorker:
         self.block_bytes = engine.kv.block_bytes
         self.backlog: dict[str, tuple[KvReserve, float]] = {}
         self.receiving: dict[str, _Receiving] = {}
+        self.fencing: dict[str, float] = {}  # aborted mid-transfer: freed when the fence time passes
 
     # ---- messages ----------------------------------------------------------------------------------
 
@@ -64,15 +67,24 @@ class DecodeWorker:
         self.backlog.pop(request_id, None)
         r = self.receiving.pop(request_id, None)
         if r is not None:
+            complete = r.handle.poll() is TransferState.SUCCESS
             r.handle.abort()
+            if not complete and self.dataplane.abort_fence_s > 0:
+                self.fencing[request_id] = time.monotonic() + self.dataplane.abort_fence_s
+                return
             self.landing.release(request_id)
         self.engine.abort(request_id)
 
     # ---- progress ----------------------------------------------------------------------------------
 
     def poll(self) -> None:
-        self._reserve_backlog()
         now = time.monotonic()
+        for rid, until in list(self.fencing.items()):
+            if now >= until:  # no byte of the aborted transfer can land any more
+                del self.fencing[rid]
+                self.landing.release(rid)
+                self.engine.abort(rid)
+        self._reserve_backlog()
         for rid, r in list(self.receiving.items()):
             state = r.handle.poll()
             if state is TransferState.FAILED:
