@@ -73,7 +73,7 @@ class Engine:
             eos_token_ids=eos_token_ids,
             watermark_blocks=int(usable * config.watermark),
         )
-        self.runner = ModelRunner(family, self.kv, config, self.max_model_len)
+        self.runner = ModelRunner(family, self.kv, config, self.max_model_len, decodes=not prefill_only)
 
     # ---- requests --------------------------------------------------------------------------------
 

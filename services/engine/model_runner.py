@@ -39,7 +39,12 @@ class StepResult:
 
 class ModelRunner:
     def __init__(
-        self, family, kv: KVCache, config: EngineConfig | None = None, max_model_len: int | None = None
+        self,
+        family,
+        kv: KVCache,
+        config: EngineConfig | None = None,
+        max_model_len: int | None = None,
+        decodes: bool = True,  # False for a prefill-only engine: no decode step to capture
     ) -> None:
         config = config or EngineConfig()
         max_model_len = max_model_len or config.max_model_len or family.max_position_embeddings
@@ -52,7 +57,7 @@ class ModelRunner:
             max_num_seqs=config.max_num_seqs, max_model_len=max_model_len, compile=not config.enforce_eager,
         )  # fmt: skip
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager and self.backend.graph_safe:
+        if decodes and self.device.type == "cuda" and not config.enforce_eager and self.backend.graph_safe:
             self.graphs = DecodeGraphs(family, kv, self.backend, max_num_seqs=config.max_num_seqs)
             self.graphs.capture_all()  # at start-up, so that no request waits for a capture
 
