@@ -45,6 +45,7 @@ def time_decode(model, args, graphs: bool) -> dict:
     from common.sampling_params import SamplingParams
     from services.engine.config import EngineConfig
     from services.engine.engine import Engine
+    from services.engine.memory import kv_layout
 
     fam = model.family
     config = EngineConfig(
@@ -54,7 +55,9 @@ def time_decode(model, args, graphs: bool) -> dict:
         attention_backend=args.backend,
     )
     if args.device == "cpu":
-        config.kv_cache_memory = 2 * args.batch * (args.context + args.steps + 64) * _token_bytes(fam)
+        config.kv_cache_memory = (
+            2 * args.batch * (args.context + args.steps + 64) * kv_layout(fam).token_bytes()
+        )
     engine = Engine(fam, model.eos_token_ids, config)
     if not graphs:  # compiled kernels, each step launched eagerly
         engine.runner.graphs = None
@@ -78,13 +81,6 @@ def time_decode(model, args, graphs: bool) -> dict:
             "graphs": engine.runner.graphs is not None and not engine.runner.graphs.failed}  # fmt: skip
 
 
-def _token_bytes(fam) -> int:
-    import torch
-
-    itemsize = torch.empty((), dtype=fam.dtype).element_size()
-    return fam.num_layers * 2 * fam.num_kv_heads * fam.head_dim * itemsize
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.decode_roofline", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint folder")
@@ -98,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="write the results as JSON here")
     args = p.parse_args(argv)
 
+    from services.engine.memory import kv_layout
     from services.models.loader import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, roles="PD")
@@ -114,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mode':<14} {'step ms':>8} {'roofline ms':>12} {'x roofline':>11}")
     for name, graphs in modes:
         r = time_decode(model, args, graphs=graphs)
-        kv_read = args.batch * r["mean_context"] * _token_bytes(fam)
+        kv_read = args.batch * r["mean_context"] * kv_layout(fam).token_bytes()
         roofline = (weights + kv_read) / bandwidth
         r.update(kv_read_bytes=kv_read, roofline_s=roofline, x_roofline=r["step_s"] / roofline)
         report["runs"][name] = r

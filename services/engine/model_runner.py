@@ -42,12 +42,10 @@ class ModelRunner:
         self,
         family,
         kv: KVCache,
-        config: EngineConfig | None = None,
-        max_model_len: int | None = None,
+        config: EngineConfig,
+        max_model_len: int,
         decodes: bool = True,  # False for a prefill-only engine: no decode step to capture
     ) -> None:
-        config = config or EngineConfig()
-        max_model_len = max_model_len or config.max_model_len or family.max_position_embeddings
         self.family = family
         self.kv = kv
         self.device = kv.device

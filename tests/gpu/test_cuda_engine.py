@@ -15,7 +15,8 @@ from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.models.loader import load_model
 from tests.reference import max_logit_diff
-from tests.services.engine.attention.test_backend_fidelity import make_batch, run_batch
+from tests.services.engine.attention.test_backend_fidelity import make_batch
+from tests.services.engine.packed_batch import run_batch
 
 # mode: (attention backend, decode CUDA graphs); flex kernels are compiled (Triton) in every mode
 MODES = {"sdpa": ("sdpa", False), "flex": ("flex", False), "flex-graphs": ("flex", True)}

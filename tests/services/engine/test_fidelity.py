@@ -11,6 +11,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.llm import LLM
 from tests.reference import hf_greedy, make_image, max_logit_diff
+from tests.services.engine.packed_batch import run_batch
 from tests.services.engine.split import split_generate
 
 TOL = 1e-4
@@ -68,21 +69,7 @@ def test_continuous_batch_with_joins_and_chunked_prefill_matches_transformers(ch
         keep_logits=True,
     )
     batch = make_batch(loaded)
-    pending = list(batch)
-    tokens = {rid: [] for rid, *_ in batch}
-    logits = {rid: [] for rid, *_ in batch}
-    max_packed = 0
-    step = 0
-    while pending or engine.has_unfinished():
-        if pending and step % 2 == 0:  # a new request joins every other step
-            rid, ids, items, n = pending.pop(0)
-            inputs = fam.model_inputs(ids, [i.grid_thw for i in items], fam.encode(items))
-            engine.add_request(rid, ids, SamplingParams(max_tokens=n), inputs)
-        max_packed = max(max_packed, len(engine.scheduler.running))
-        for out in engine.step():
-            tokens[out.request_id] += out.new_token_ids
-            logits[out.request_id].append(out.logits)
-        step += 1
+    tokens, logits, max_packed = run_batch(engine, loaded, batch)
     assert max_packed >= 4, "requests should have overlapped in the running batch"
     worst = 0.0
     for rid, ids, items, n in batch:

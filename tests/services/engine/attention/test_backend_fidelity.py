@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 
 from common.prompting import chat_prompt_ids
-from common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
 from services.engine.decode_graphs import DecodeGraphs
 from services.engine.engine import Engine
 from tests.reference import hf_greedy, make_image, max_logit_diff
+from tests.services.engine.packed_batch import run_batch
 
 TOL = 1e-4
 
@@ -33,25 +33,6 @@ def make_batch(loaded, n=6):
         )
         batch.append((f"r{i}", ids, items, 6 + 3 * i))
     return batch
-
-
-def run_batch(engine: Engine, loaded, batch) -> tuple[dict, dict, int]:
-    fam = loaded.family
-    pending = list(batch)
-    tokens = {rid: [] for rid, *_ in batch}
-    logits = {rid: [] for rid, *_ in batch}
-    step = max_running = 0
-    while pending or engine.has_unfinished():
-        if pending and step % 2 == 0:  # a new request joins every other step
-            rid, ids, items, n = pending.pop(0)
-            inputs = fam.model_inputs(ids, [i.grid_thw for i in items], fam.encode(items))
-            engine.add_request(rid, ids, SamplingParams(max_tokens=n), inputs)
-        max_running = max(max_running, len(engine.scheduler.running))
-        for out in engine.step():
-            tokens[out.request_id] += out.new_token_ids
-            logits[out.request_id].append(out.logits)
-        step += 1
-    return tokens, logits, max_running
 
 
 @pytest.mark.parametrize("mode", ["flex-eager", "flex-compiled", "flex-decode-graph-buffers"])
