@@ -3,7 +3,8 @@
 For each prompt length, one prefill-only step of a single prompt, three ways:
   - compute only (no hand-off);
   - the hand-off alone: every layer's blocks written after the step into a decode pool in another
-    plane of this machine (shared memory), timed until the last byte is in;
+    plane of this machine (shared memory; on a GPU with cudaipc a device pool), timed until the last
+    byte is in;
   - layer by layer: each layer's blocks leave as soon as the layer is computed, while the next layers
     compute, timed from the start of the step until the last byte is in.
 Hidden share = (compute + hand-off - layer by layer) / hand-off: 1 when the transfer costs nothing
@@ -90,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model.family, model.eos_token_ids, config, prefill_only=True)
     producer, consumer = create_dataplane(args.dataplane), create_dataplane(args.dataplane)
     pool = size_kv_pool(model.family, config)
-    consumer.allocate("kv", pool.nbytes)
+    device = torch.device(args.device)
+    if device.type != "cpu" and device.type in consumer.devices:  # cudaipc: a device pool, as decode's
+        consumer.register("kv", torch.zeros(pool.nbytes, dtype=torch.uint8, device=device))
+    else:
+        consumer.allocate("kv", pool.nbytes)
     sender = KVSender(engine, _IO(), producer)
     report = {
         "dataplane": args.dataplane,

@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=224, help="square images of this many pixels")
     p.add_argument("--output-len", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="torch threads per process")
-    p.add_argument("--dataplane", default="auto")
+    p.add_argument("--dataplane", default="auto", help="data plane of the split stacks (default auto)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, npu: every process on device 0")
+    p.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the results as JSON here")
 
@@ -40,8 +42,9 @@ async def _run(args: argparse.Namespace) -> dict:
 
     names = [t.strip() for t in args.topologies.split(",") if t.strip()]
     options = StackOptions(
-        model_dir=args.model or build_tiny_model(), dataplane=args.dataplane, threads=args.threads
-    )
+        model_dir=args.model or build_tiny_model(), dataplane=args.dataplane, threads=args.threads,
+        device=args.device, dtype=args.dtype,
+    )  # fmt: skip
     data = DatasetConfig(output_len=args.output_len, image_sizes=((args.image_size, args.image_size),))
     requests = build_dataset(data, args.num_requests + 2, args.seed)
     ttft: dict[str, list[float]] = {n: [] for n in names}
@@ -61,6 +64,8 @@ async def _run(args: argparse.Namespace) -> dict:
         "requests": args.num_requests,
         "image_size": args.image_size,
         "threads": args.threads,
+        "device": args.device,
+        "dataplane": args.dataplane,
         "topologies": {},
     }
     for n in names:

@@ -22,7 +22,11 @@ def add_parser(subparsers) -> None:
         "--gateway", required=True, metavar="ADDR", help="the gateway's control address, tcp://HOST:PORT"
     )
     p.add_argument("--model", required=True, help="checkpoint folder")
-    p.add_argument("--dataplane", default="auto", help="auto (default), shm, tcp, torchdist, mooncake, nixl")
+    p.add_argument(
+        "--dataplane",
+        default="auto",
+        help="auto (default: cudaipc for CUDA devices, else shm, on one host), shm, tcp, cudaipc, torchdist, mooncake, nixl",
+    )
     p.add_argument("--device", default="cpu",
                    help="cpu (default), cuda, cuda:N, npu, or auto (cuda when one is visible, else cpu)")  # fmt: skip
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, else bfloat16)")

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--dataplane",
         default="auto",
-        help="auto (default: shm on one host), shm, tcp, torchdist, mooncake, nixl",
+        help="auto (default: cudaipc for CUDA devices, else shm, on one host), shm, tcp, cudaipc, torchdist, mooncake, nixl",
     )
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device check on a fresh NVIDIA machine that has torch and transformers installed (no network
-# needed): fidelity on cuda (fp32 and bf16, every attention backend, decode CUDA graphs), E1 PD1, E1 P1 D1 and
-# EPD1 stacks on one GPU answering the openai client like transformers, bench-engine on the mid preset
-# against transformers' generate, and a batch-64 decode step against the memory roofline. Writes one
-# JSON summary. Target: under 8 minutes on one H200.
+# needed): fidelity on cuda (fp32 and bf16, every attention backend, decode CUDA graphs), cudaipc and
+# torchdist between processes, E1 PD1, E1 P1 D1 (cudaipc and host staging) and EPD1 stacks on one GPU
+# answering the openai client like transformers, bench-engine on the mid preset against transformers'
+# generate, a batch-64 decode step against the memory roofline, the share of the KV hand-off hidden
+# behind prefill (layer-wise over cudaipc), and the TTFT overhead of E1 P1 D1 against EPD1 at
+# concurrency 1. Writes one JSON summary. Target: under 10 minutes on one H200.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          (default OUT_DIR: gpu-check)
 #
@@ -70,13 +72,23 @@ step "decode step at batch 64 on the mid preset against the memory roofline (bf1
   --output "$OUT/decode_roofline.json" 2>&1 | tee "$OUT/decode_roofline.txt"
 record decode_roofline "${PIPESTATUS[0]}"
 
+step "KV hand-off hidden behind prefill on the mid preset, layer by layer over cudaipc (bf16)"
+"$PY" -m bench.kv_overlap --model "$MID" --device cuda --dataplane cudaipc --lengths 256,1024,4096 \
+  --repeats 5 --output "$OUT/kv_overlap.json" 2>&1 | tee "$OUT/kv_overlap.txt"
+record kv_overlap "${PIPESTATUS[0]}"
+
+step "TTFT of E1 P1 D1 (cudaipc) against EPD1 at concurrency 1, paired (target: at most 5 ms more)"
+"$PY" -m bench.overhead --device cuda --topologies "EPD1,E1 P1 D1" --num-requests 30 --threads 4 \
+  --output "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.txt"
+record overhead "${PIPESTATUS[0]}"
+
 step "summary"
 "$PY" - "$OUT" <<'PYEOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 summary = {"environment": (out / "environment.txt").read_text().strip().splitlines()}
 summary["checks"] = [json.loads(line) for line in (out / "checks.jsonl").read_text().splitlines()]
-for name in ("bench_engine", "decode_roofline"):
+for name in ("bench_engine", "decode_roofline", "kv_overlap", "overhead"):
     f = out / f"{name}.json"
     summary[name] = json.loads(f.read_text()) if f.exists() else None
 summary["fidelity_lines"] = [l for l in (out / "fidelity.txt").read_text().splitlines()

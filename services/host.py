@@ -102,7 +102,7 @@ class Host:
         model = load_model(c.model_dir, device=c.device, dtype=c.dtype, roles=c.roles)
         self.model = model
         fam = model.family
-        backend = resolve_backend(c.dataplane, same_host=True)
+        backend = resolve_backend(c.dataplane, same_host=True, device=c.device)
         where = {"device": c.device} if backend == "torchdist" else {}  # its library follows the device
         self.dataplane = create_dataplane(backend, host=c.bind_host, advertise_host=c.advertise_host, **where)
         roles = c.roles
@@ -116,7 +116,7 @@ class Host:
             kv_buffer = None
             decode_only = "D" in roles and "P" not in roles
             staged = self._stages_kv()
-            if decode_only and not staged:  # the pool lives in data-plane memory: prefill writes it
+            if decode_only and not staged and c.device == "cpu":  # the pool lives in data-plane memory
                 from services.engine.memory import size_kv_pool
 
                 nbytes = size_kv_pool(fam, ecfg).nbytes  # the engine takes its size from the buffer
@@ -125,16 +125,19 @@ class Host:
             self.engine = Engine(
                 fam, model.eos_token_ids, ecfg, prefill_only=prefill_only, kv_buffer=kv_buffer
             )
+            if decode_only and not staged and kv_buffer is None:  # a device pool the plane writes itself
+                self.dataplane.register("kv", self.engine.kv.pool)
         if "P" in roles:
             from services.prefill.worker import PrefillWorker
 
-            # The KV leaves after the step, once the first token is sampled: on CPU a copy during the
-            # step takes a core from the prompt; from a device pool the data planes here need host
-            # copies, which mid-step would stall the device queue at every layer. Layer-by-layer
-            # streaming needs a device-to-device path.
+            # Each layer's KV leaves while the next computes when the plane reads the device pool
+            # itself (cudaipc, torchdist on a GPU: copies on a side stream). Otherwise it leaves after
+            # the step, once the first token is sampled: on CPU a copy during the step takes a core
+            # from the prompt, and host copies of a device pool mid-step would stall the device queue.
             self.prefill = PrefillWorker(
-                fam, self.engine, self.io, self.dataplane, decodes="D" in roles, stream_kv_layers=False
-            )
+                fam, self.engine, self.io, self.dataplane, decodes="D" in roles,
+                stream_kv_layers=self._moves_device_memory(),
+            )  # fmt: skip
         elif "D" in roles:
             from services.decode.kv_landing import InPlaceLanding, StagedLanding
             from services.decode.worker import DecodeWorker
@@ -158,11 +161,19 @@ class Host:
         self.handlers = self._handlers()
         self._register()
 
+    def _moves_device_memory(self) -> bool:
+        """Whether the data plane reads and writes this process's accelerator memory itself."""
+        kind = self.config.device.partition(":")[0]
+        return kind != "cpu" and kind in self.dataplane.devices
+
     def _stages_kv(self) -> bool:
-        """Whether a decode pool is private memory fed through a host staging area: a device pool
-        (the data planes here move host memory), or on request (tests of that path on CPU)."""
+        """Whether a decode pool is private memory fed through a host staging area: a device pool the
+        data plane cannot write (shm, tcp, mooncake and nixl here move host memory), or on request
+        (tests of that path on CPU)."""
         c = self.config
-        return c.device != "cpu" if c.stage_kv is None else c.stage_kv
+        if c.stage_kv is not None:
+            return c.stage_kv
+        return c.device != "cpu" and not self._moves_device_memory()
 
     def _staging_blocks(self) -> int:
         """Room for the prompts in flight: the larger of one whole context and four steps' worth of

@@ -2,7 +2,7 @@
 
 The consumer owns destination memory and publishes a descriptor; producers write regions of it; each
 side follows a transfer through a TransferHandle (poll / wait / abort). Backends: fake (in-process),
-shm (one host), tcp (anywhere), torchdist (torch.distributed: NCCL, HCCL, gloo), mooncake (Mooncake
+shm (one host), tcp (anywhere), cudaipc (one host, CUDA device to device), torchdist (torch.distributed: NCCL, HCCL, gloo), mooncake (Mooncake
 Transfer Engine: RDMA or TCP), nixl (NIXL over UCX). Importing this package loads no backend and never
 torch: `create_dataplane` imports the one asked for.
 """

@@ -7,22 +7,26 @@ from typing import Any
 
 from common.dataplane.base import DataPlane
 
-BACKENDS = ("fake", "shm", "tcp", "torchdist", "mooncake", "nixl")
+BACKENDS = ("fake", "shm", "tcp", "cudaipc", "torchdist", "mooncake", "nixl")
 
 _CLASSES = {
     "fake": ("common.dataplane.fake", "FakeDataPlane"),
     "shm": ("common.dataplane.shm", "ShmDataPlane"),
     "tcp": ("common.dataplane.tcp", "TcpDataPlane"),
+    "cudaipc": ("common.dataplane.cudaipc", "CudaIpcDataPlane"),
     "torchdist": ("common.dataplane.torchdist", "TorchDistDataPlane"),
     "mooncake": ("common.dataplane.mooncake", "MooncakeDataPlane"),
     "nixl": ("common.dataplane.nixl", "NixlDataPlane"),
 }
 
 
-def resolve_backend(name: str, same_host: bool) -> str:
-    """The concrete backend for a configured name: "auto" is shm on one host, tcp across hosts."""
+def resolve_backend(name: str, same_host: bool, device: str = "cpu") -> str:
+    """The concrete backend for a configured name. "auto": across hosts tcp; on one host cudaipc when
+    the memory is on a CUDA device (device to device), else shm."""
     if name == "auto":
-        return "shm" if same_host else "tcp"
+        if not same_host:
+            return "tcp"
+        return "cudaipc" if device.partition(":")[0] == "cuda" else "shm"
     if name not in BACKENDS:
         raise ValueError(f"unknown data-plane backend {name!r}; known: auto, {', '.join(BACKENDS)}")
     return name

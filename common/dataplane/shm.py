@@ -89,7 +89,7 @@ class ShmDataPlane(ChannelDataPlane):
         spans = [(header.offset, header.length)]
         if payload:
             try:
-                spans = _spans_decoder.decode(payload[0].buffer)
+                spans = spans_decoder.decode(payload[0].buffer)
             except msgspec.DecodeError as exc:
                 self.reject(header, f"malformed region list: {exc}")
                 return
@@ -108,11 +108,7 @@ class ShmDataPlane(ChannelDataPlane):
 
     def send_job(self, sender: PeerSender, job: Job) -> None:
         handle = job.handle
-        board = sender.state.get("board")
-        if board is None:
-            board = sender.state["board"] = seg.AbortBoard.attach(
-                seg.segment_name(sender.peer["id"], "#abort-board")
-            )
+        board = self._abort_board(sender)
         written: dict[str, list[tuple[int, int]]] = {}
         job_started = time.monotonic()
         for view, region in job.items:
@@ -146,7 +142,17 @@ class ShmDataPlane(ChannelDataPlane):
             header = wire.Header(
                 handle.transfer_id, buffer_id, spans[0][0], spans[0][1], "done", started=job_started
             )
-            sender.send([wire.encode(header), _spans_encoder.encode(spans)], handle)
+            sender.send([wire.encode(header), spans_encoder.encode(spans)], handle)
+
+    @staticmethod
+    def _abort_board(sender: PeerSender) -> seg.AbortBoard:
+        """The consumer's abort board, attached on the first write to it."""
+        board = sender.state.get("board")
+        if board is None:
+            board = sender.state["board"] = seg.AbortBoard.attach(
+                seg.segment_name(sender.peer["id"], "#abort-board")
+            )
+        return board
 
     def _attachment(self, sender: PeerSender, buffer_id: str) -> seg.Attachment:
         cache: dict[str, seg.Attachment] = sender.state.setdefault("attachments", {})
@@ -181,8 +187,8 @@ class ShmDataPlane(ChannelDataPlane):
         self._board.close()
 
 
-_spans_encoder = msgspec.msgpack.Encoder()
-_spans_decoder = msgspec.msgpack.Decoder(list[tuple[int, int]])
+spans_encoder = msgspec.msgpack.Encoder()
+spans_decoder = msgspec.msgpack.Decoder(list[tuple[int, int]])
 
 
 def _close_at_exit(ref: weakref.ref[ShmDataPlane]) -> None:

@@ -85,7 +85,8 @@ class EncodeWorker:
             return  # the prefill instance holds these features already
         dest = self._dest_dataplane.get(msg.sender, {})
         region = Region(msg.buffer_id, msg.offset, features.numel() * features.element_size())
-        handle = self.dataplane.write(dest, msg.transfer_id, [(byte_view(features), region)])
+        source = byte_view(features) if features.device.type == "cpu" else features  # a device plane reads it
+        handle = self.dataplane.write(dest, msg.transfer_id, [(source, region)])
         handle.on_done(self.io.wake)
         self._writes.append((handle, features))
 
@@ -148,7 +149,8 @@ class EncodeWorker:
         if self.local_prefill is not None and dest.prefill_id == self.local_id:
             self.local_prefill.add_features(hash_, features)
             return
-        features = features.cpu()  # the data plane moves host memory (a no-op on CPU)
+        if features.device.type not in self.dataplane.devices:
+            features = features.cpu()  # this plane moves host memory only (a no-op on CPU)
         self._offers[(hash_, dest.prefill_id)] = features
         self._dest_dataplane[dest.prefill_id] = dest.prefill_dataplane
         offer = FeatureOffer(

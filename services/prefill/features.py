@@ -6,6 +6,11 @@ a transfer is expected into it, and its id goes back (FEATURE_DEST). When the tr
 features are copied out into the LRU cache (so the data-plane buffer is freed at once) and requests
 waiting on that hash can go. Offers usually arrive before the request itself does (prefetch).
 Destinations are ranges of one long-lived arena buffer (see `arena`), so nothing is mapped per item.
+
+Where the data plane moves this process's device memory (cudaipc on a GPU), the arena and the cache
+live on the device: an encoder on the same machine copies its features device to device, and prefill
+uses them where they landed. Otherwise both are host memory and prefill moves the features to its
+device when it runs them.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class _Incoming:
     offer: FeatureOffer
     buffer_id: str
     offset: int | None  # in the arena; None: a buffer of its own
-    memory: memoryview
+    memory: Any  # a memoryview of host memory, or a uint8 device tensor
     handle: Any
     deadline: float
 
@@ -46,6 +51,7 @@ class FeatureStore:
         cache_bytes: int,
         transfer_timeout_s: float = 30.0,
         arena_bytes: int = 64 * 2**20,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.io = io
         self.dataplane = dataplane
@@ -55,7 +61,9 @@ class FeatureStore:
         self._incoming_hashes: set[str] = set()
         self.bytes_received = 0
         self.arena = Arena(arena_bytes)
-        self._arena_memory = dataplane.allocate(_ARENA, arena_bytes)
+        device = torch.device(device)
+        self.device = device if device.type != "cpu" and device.type in dataplane.devices else None
+        self._arena_memory = self._buffer(_ARENA, arena_bytes)
 
     def has(self, hash_: str) -> bool:
         return hash_ in self.cache
@@ -78,7 +86,7 @@ class FeatureStore:
             memory = self._arena_memory[offset : offset + offer.nbytes]
         else:  # larger than what the arena has free: a buffer of its own
             buffer_id, start = f"feat-{transfer_id[:16]}", 0
-            memory = self.dataplane.allocate(buffer_id, offer.nbytes)
+            memory = self._buffer(buffer_id, offer.nbytes)
         handle = self.dataplane.expect(transfer_id, [Region(buffer_id, start, offer.nbytes)])
         handle.on_done(self.io.wake)
         deadline = time.monotonic() + self.transfer_timeout_s
@@ -94,7 +102,7 @@ class FeatureStore:
         for transfer_id, inc in list(self._incoming.items()):
             state = inc.handle.poll()
             if state is TransferState.SUCCESS:
-                features = tensor_from_bytes(inc.memory, inc.offer.dtype, inc.offer.shape, copy=True)
+                features = _features(inc.memory, inc.offer)
                 self.add(inc.offer.hash, features)
                 self.bytes_received += inc.offer.nbytes
                 arrived = True
@@ -111,3 +119,18 @@ class FeatureStore:
             else:
                 self.dataplane.free(inc.buffer_id)
         return arrived
+
+    def _buffer(self, buffer_id: str, nbytes: int) -> Any:
+        """Destination memory: on the device when the plane writes it there, else host memory."""
+        if self.device is None:
+            return self.dataplane.allocate(buffer_id, nbytes)
+        memory = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.dataplane.register(buffer_id, memory)
+        return memory
+
+
+def _features(memory: Any, offer: FeatureOffer) -> torch.Tensor:
+    """The features that landed in `memory`, as a tensor of their own (the memory is reused)."""
+    if isinstance(memory, torch.Tensor):
+        return memory.view(getattr(torch, offer.dtype)).view(offer.shape).clone()
+    return tensor_from_bytes(memory, offer.dtype, offer.shape, copy=True)

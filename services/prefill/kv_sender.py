@@ -8,9 +8,11 @@ the first token). If the decode instance's destination (KV_DEST) has not arrived
 list and go when it does. When every layer has arrived on the other side and the first token is known,
 decode gets KV_READY and the blocks here are freed.
 
-A pool in device memory goes out through pinned host copies of its blocks (host staging: the data
-planes here move host memory), after the step, when the first token has been sampled and the device
-is idle anyway; the decode side lands them in its own staging area (services/decode/kv_landing.py).
+A pool in device memory goes straight to the decode instance's device pool when the data plane moves
+device memory (cudaipc, torchdist on a GPU), layer by layer during the step. Otherwise it goes out
+through pinned host copies of its blocks (host staging), after the step, when the first token has
+been sampled and the device is idle anyway; the decode side lands them in its own staging area
+(services/decode/kv_landing.py).
 """
 
 from __future__ import annotations
@@ -141,17 +143,19 @@ class KVSender:
             for src, dst, count in _runs(h.seq.block_table[:n_blocks], dest.block_ids):
                 offset = block_offset(layer, kind, dst, dest.pool_blocks, dest.block_bytes)
                 region = Region("kv", offset, count * dest.block_bytes)
-                items.append((byte_view(self._host_source(h, pool[layer, kind, src : src + count])), region))
+                items.append((self._source(h, pool[layer, kind, src : src + count]), region))
         handle = self.dataplane.write(dest.dataplane, dest.transfer_id, items)
         handle.on_done(self.io.wake)
         h.handles.append(handle)
         h.sent_layers += 1
 
-    @staticmethod
-    def _host_source(h: Handoff, blocks):
-        """The blocks as host memory the data plane can read: the pool itself on a CPU host; on an
-        accelerator a pinned host copy (staging), kept with the hand-off until its writes are final."""
+    def _source(self, h: Handoff, blocks: torch.Tensor) -> Any:
+        """The blocks as memory the data plane can read: the pool itself on a CPU host, or on a device
+        the plane moves (cudaipc, torchdist: the copy waits for this layer's kernels on a side stream);
+        else a pinned host copy (staging), kept with the hand-off until its writes are final."""
         if blocks.device.type == "cpu":
+            return byte_view(blocks)
+        if blocks.device.type in self.dataplane.devices:
             return blocks
         staged = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=blocks.device.type == "cuda")
         staged.copy_(blocks)

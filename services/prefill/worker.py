@@ -51,7 +51,7 @@ class PrefillWorker:
         self.engine = engine
         self.io = io
         self.decodes = decodes  # this process hosts Decode too: requests never leave the engine
-        self.features = FeatureStore(io, dataplane, cache_bytes)
+        self.features = FeatureStore(io, dataplane, cache_bytes, device=engine.kv.device)
         self.kv_sender = None if decodes else KVSender(engine, io, dataplane, stream_kv_layers)
         self.waiting: dict[str, _Waiting] = {}
         self.admitted: dict[str, _Admitted] = {}

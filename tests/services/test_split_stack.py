@@ -47,7 +47,8 @@ async def collect(cluster, request):
 
 @pytest.mark.parametrize(
     ("dataplane", "family"),
-    [("shm", "qwen2_vl"), ("tcp", "qwen2_vl"), ("torchdist", "qwen2_vl"), ("shm", "qwen2_5_vl")]
+    [("shm", "qwen2_vl"), ("tcp", "qwen2_vl"), ("cudaipc", "qwen2_vl"), ("torchdist", "qwen2_vl")]
+    + [("shm", "qwen2_5_vl")]
     + [pytest.param("mooncake", "qwen2_vl", marks=needs_mooncake)]
     + [pytest.param("nixl", "qwen2_vl", marks=needs_nixl)],
 )

@@ -14,21 +14,25 @@ from common.dataplane.channel import HOST_IDENTITY
 REPO = Path(__file__).resolve().parents[3]
 
 
-def test_auto_is_shm_on_one_host_and_tcp_across_hosts():
+def test_auto_is_shm_on_one_host_cudaipc_for_cuda_memory_and_tcp_across_hosts():
     assert resolve_backend("auto", same_host=True) == "shm"
+    assert resolve_backend("auto", same_host=True, device="npu") == "shm"
+    assert resolve_backend("auto", same_host=True, device="cuda") == "cudaipc"
+    assert resolve_backend("auto", same_host=True, device="cuda:1") == "cudaipc"
+    assert resolve_backend("auto", same_host=False, device="cuda") == "tcp"
     assert resolve_backend("auto", same_host=False) == "tcp"
-    assert resolve_backend("torchdist", same_host=True) == "torchdist"
-    assert BACKENDS == ("fake", "shm", "tcp", "torchdist", "mooncake", "nixl")
+    assert resolve_backend("torchdist", same_host=True, device="cuda") == "torchdist"
+    assert BACKENDS == ("fake", "shm", "tcp", "cudaipc", "torchdist", "mooncake", "nixl")
 
 
 def test_unknown_backend_names_the_known_ones():
-    with pytest.raises(ValueError, match="fake, shm, tcp, torchdist, mooncake, nixl"):
+    with pytest.raises(ValueError, match="fake, shm, tcp, cudaipc, torchdist, mooncake, nixl"):
         resolve_backend("carrier-pigeon", same_host=True)
     with pytest.raises(ValueError, match="unknown data-plane backend"):
         create_dataplane("rdma")
 
 
-@pytest.mark.parametrize("name", ["shm", "tcp"])
+@pytest.mark.parametrize("name", ["shm", "tcp", "cudaipc"])
 def test_descriptor_is_plain_data_with_host_identity(name):
     import msgspec
 

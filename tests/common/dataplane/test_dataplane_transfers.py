@@ -135,7 +135,7 @@ def test_consumer_abort_drops_late_bytes(consumer, peers, backend):
     assert handle.poll() is TransferState.FAILED and "abort" in (handle.failure() or "")
 
     late = write(peers[0], consumer, t, [["b", size, size, 2]], wait=30)
-    if backend == "shm":  # the producer reads the consumer's abort board and stops
+    if backend in ("shm", "cudaipc"):  # the producer reads the consumer's abort board and stops
         assert late["state"] == "failed" and "consumer" in late["failure"], late
     # a later transfer from the same producer is handled after the late bytes
     fence = consumer.expect(f := tid(), [Region("b", 2 * size, size)])
@@ -227,7 +227,7 @@ def test_freed_buffer_id_can_be_allocated_again(consumer, peers):
 
 
 def test_register_adopts_caller_memory(consumer, peers, backend):
-    if backend == "shm":
+    if backend in ("shm", "cudaipc"):  # host memory must come from allocate() (cudaipc adopts CUDA tensors)
         with pytest.raises(TypeError, match="allocate"):
             consumer.register("x", bytearray(16))
         return

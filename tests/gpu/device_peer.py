@@ -1,8 +1,9 @@
-"""A torchdist plane on a GPU in a process of its own, driven by JSON lines, for tests/gpu.
+"""A device data plane (torchdist, cudaipc) in a process of its own, driven by JSON lines, for tests/gpu.
 
-`python torchdist_peer.py DEVICE [OPTIONS_JSON]` makes one plane on DEVICE (its own process's GPU:
-the test sets CUDA_VISIBLE_DEVICES) and answers one JSON line per command. Only plain JSON crosses:
-descriptors, ids, regions, seeds; the bytes move over NCCL, and are checked where they land.
+`python device_peer.py BACKEND DEVICE [OPTIONS_JSON]` makes one plane whose memory is on DEVICE (its own
+process's GPU: the tests set CUDA_VISIBLE_DEVICES) and answers one JSON line per command. Only plain
+JSON crosses: descriptors, ids, regions, seeds; the bytes move over the backend (NCCL, CUDA IPC) and
+are checked where they land.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ def pattern(length: int, seed: int, device: str | torch.device = "cpu") -> torch
 
 
 class Agent:
-    def __init__(self, device: str, **options: Any) -> None:
-        self.plane = create_dataplane("torchdist", device=device, **options)
+    def __init__(self, backend: str, device: str, **options: Any) -> None:
+        if backend == "torchdist":
+            options["device"] = device  # its collective library follows the device
+        self.plane = create_dataplane(backend, **options)
+        self.device = torch.device(device)
         self.buffers: dict[str, Any] = {}  # device tensors, or host memoryviews
         self.handles: dict[str, Any] = {}
         self.sources: dict[str, torch.Tensor] = {}
@@ -38,7 +42,7 @@ class Agent:
         return {"descriptor": self.plane.descriptor(), "devices": list(self.plane.devices)}
 
     def op_register(self, buffer_id: str, nbytes: int) -> dict[str, Any]:
-        self.buffers[buffer_id] = torch.zeros(nbytes, dtype=torch.uint8, device=self.plane.device)
+        self.buffers[buffer_id] = torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
         self.plane.register(buffer_id, self.buffers[buffer_id])
         return {"ok": True}
 
@@ -52,7 +56,7 @@ class Agent:
 
     def op_write(self, peer: dict, tid: str, region: list[Any], seed: int, where: str) -> dict[str, Any]:
         """Write a pattern from device memory (`where="device"`) or host memory into the peer."""
-        source = pattern(region[2], seed, self.plane.device if where == "device" else "cpu")
+        source = pattern(region[2], seed, self.device if where == "device" else "cpu")
         self.sources[tid] = source
         self.handles[tid] = self.plane.write(peer, tid, [(source, Region(*region))])
         return {"ok": True}
@@ -61,6 +65,15 @@ class Agent:
         handle = self.handles[tid]
         state = handle.wait(timeout)
         return {"state": state.value, "bytes": handle.bytes, "failure": handle.failure()}
+
+    def op_free(self, buffer_id: str) -> dict[str, Any]:
+        self.plane.free(buffer_id)
+        self.buffers.pop(buffer_id, None)
+        return {"ok": True}
+
+    def op_abort(self, tid: str) -> dict[str, Any]:
+        self.handles[tid].abort()
+        return {"ok": True}
 
     def op_check(self, buffer_id: str, offset: int, length: int, seed: int) -> dict[str, Any]:
         """Whether the bytes landed intact, and nothing next to them changed (the buffer starts zero)."""
@@ -77,7 +90,7 @@ class Agent:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    agent = Agent(sys.argv[1], **json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}"))
+    agent = Agent(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}"))
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
