@@ -62,7 +62,8 @@ def test_gpu_override_reserves_a_device_for_each_stage(override, stack):
     assert set(gpu) == {"services"}
     assert set(gpu["services"]) == set(stage_services(base)), f"{override} must cover every stage of {stack}"
     for name, svc in gpu["services"].items():
-        assert set(svc) == {"deploy"}, f"{name}: a GPU override only reserves devices"
+        assert set(svc) <= {"deploy", "ipc"}, f"{name}: a GPU override only reserves devices (and IPC)"
+        assert svc.get("ipc", "host") == "host", f"{name}: cudaipc needs the host's IPC namespace"
         (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         assert ("count" in device) != ("device_ids" in device), "count or device_ids, not both"
