@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from common.dataplane import shm_segments as seg
+from common.dataplane.device_identity import uuid_text
 
 PAGE_BYTES = 1024  # an encoded export is about 200 bytes
 _LENGTH = np.dtype("<u4")
@@ -70,7 +71,7 @@ def export(tensor: torch.Tensor) -> IpcExport:
 
 
 def device_uuid(index: int) -> str:
-    return str(torch.cuda.get_device_properties(index).uuid)
+    return uuid_text(getattr(torch.cuda.get_device_properties(index), "uuid", None))
 
 
 def local_index(uuid: str) -> int:

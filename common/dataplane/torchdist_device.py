@@ -22,11 +22,12 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
-from uuid import UUID
 
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _world
+
+from common.dataplane.device_identity import uuid_text
 
 _TAG = 0
 
@@ -61,21 +62,12 @@ def identity(device: torch.device) -> dict[str, Any]:
     ident: dict[str, Any] = {"device": device.type}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        ident["device_uuid"] = _uuid_text(getattr(props, "uuid", None))
+        ident["device_uuid"] = uuid_text(getattr(props, "uuid", None))
         if hasattr(props, "pci_bus_id"):
             ident["device_pci"] = (
                 f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
             )
     return ident
-
-
-def _uuid_text(uuid: Any) -> str:
-    """The GPU's uuid as text, from its 16 bytes where torch exposes them (the same in every process,
-    unlike the repr of an object without its own text form)."""
-    raw = getattr(uuid, "bytes", None)
-    if raw is not None:
-        return str(UUID(bytes=bytes(raw)))
-    return "" if uuid is None else str(uuid)
 
 
 def pair_group(dist_backend: str, store: Any, rank: int, timeout: timedelta, hostname: str, name: str) -> Any:
