@@ -23,14 +23,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from common.tokenizer import TextTokenizer
+from gateway.accounting import Outcome, accounted
 from gateway.backend import Backend, GenerateRequest
 from gateway.config import GatewayConfig
+from gateway.connection_limits import ConnectionGuard, GuardedSite, track_requests
 from gateway.errors import ApiError, error_body
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import ChatCompletionRequest, CompletionRequest, check_model, decode_body
 from gateway.preprocess import Preprocessor
 from gateway.responses import ChatFormat, CompletionFormat
-from gateway.streaming import CLIENT_GONE, Generation, respond
+from gateway.streaming import Generation, respond
 
 log = structlog.get_logger("gateway")
 
@@ -47,11 +49,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(config: GatewayConfig, backend: Backend, tokenizer: TextTokenizer) -> web.Application:
-    app = web.Application(client_max_size=config.max_request_bytes, middlewares=[_errors_as_json])
+    middlewares = [track_requests, _errors_as_json]
+    app = web.Application(client_max_size=config.max_request_bytes, middlewares=middlewares)
     app[CONFIG] = config
     app[BACKEND] = backend
     app[TOKENIZER] = tokenizer
     app[METRICS] = GatewayMetrics()
+    app[METRICS].add_backend(backend)
     app[PREPROCESSOR] = Preprocessor(config, tokenizer)
     app[BACKGROUND] = set()
     app[STARTED] = int(time.time())
@@ -69,11 +73,21 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
     """Serve `app` on host:port (port 0: any free port, read it from `runner.addresses`).
 
     Handlers are cancelled when their client disconnects, so an abandoned request is aborted at once
-    rather than at its next token. Stop with `await runner.cleanup()`.
+    rather than at its next token. Connections are bounded (gateway.connection_limits): an idle one is
+    closed after `keepalive_timeout_s`, one without a complete request head after `header_timeout_s`,
+    and beyond `max_connections` new ones get a 503. Stop with `await runner.cleanup()`.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    config = app[CONFIG]
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, keepalive_timeout=config.keepalive_timeout_s
+    )
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    guard = ConnectionGuard(
+        header_timeout_s=config.header_timeout_s,
+        max_connections=config.max_connections,
+        metrics=app[METRICS],
+    )
+    await GuardedSite(runner, host, port, guard).start()
     log.info(
         "gateway listening",
         addresses=[f"{a[0]}:{a[1]}" for a in runner.addresses],
@@ -120,67 +134,71 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
-    app = request.app
-    arrival = time.monotonic()
+    """Serve one generation request; `accounted` counts and logs it once, on every path."""
     request_id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    with (
+        structlog.contextvars.bound_contextvars(request_id=request_id),
+        accounted(request.app[METRICS], endpoint) as outcome,
+    ):
+        return await _serve(request, request_id, outcome)
+
+
+async def _serve(request: web.Request, request_id: str, outcome: Outcome) -> web.StreamResponse:
+    app = request.app
     headers = {"X-Request-Id": request_id}
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
-        try:
-            prepared, parsed = await _prepare(request, endpoint, request_id)
-        except ApiError as exc:
-            app[METRICS].record_request(endpoint, exc.status)
-            log.info("request refused", endpoint=endpoint, status=exc.status, error=exc.message)
-            return exc.response(headers=headers)
-        config = app[CONFIG]
-        generation = Generation(
-            app[BACKEND],
-            prepared,
-            app[TOKENIZER],
-            app[METRICS],
-            arrival=arrival,
-            deadline=None if config.request_timeout_s is None else arrival + config.request_timeout_s,
-            background=app[BACKGROUND],
+    try:
+        prepared, parsed = await _prepare(request, outcome.endpoint, request_id)
+    except ApiError as exc:
+        outcome.status, outcome.error = exc.status, exc.message
+        return exc.response(headers=headers)
+    app[METRICS].preprocess.observe(time.monotonic() - outcome.arrival)
+    config = app[CONFIG]
+    fmt_class = ChatFormat if outcome.endpoint == "chat" else CompletionFormat
+    fmt = fmt_class(request_id, config.served_model_name, include_usage=parsed.include_usage)
+    generation = outcome.generation = _generation(app, prepared, outcome.arrival)
+    try:
+        response, outcome.status = await respond(
+            request, generation, fmt, stream=bool(parsed.stream), headers=headers
         )
-        fmt_class = ChatFormat if endpoint == "chat" else CompletionFormat
-        fmt = fmt_class(request_id, config.served_model_name, include_usage=parsed.include_usage)
-        status = CLIENT_GONE  # unless respond() returns: cancelled because the client went away
-        try:
-            response, status = await respond(
-                request, generation, fmt, stream=bool(parsed.stream), headers=headers
-            )
-        except Exception:
-            status = 500  # the middleware answers, and logs it
-            raise
-        finally:
-            await generation.close()
-            app[METRICS].record_request(endpoint, status)
-            usage = generation.usage
-            log.info(
-                "request done",
-                endpoint=endpoint,
-                status=status,
-                finish_reason=generation.finish_reason,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                images=len(prepared.images),
-                seconds=round(time.monotonic() - arrival, 4),
-            )
-        return response
+    finally:  # started before any await: a cancelled wait below still leaves the release running
+        await asyncio.shield(generation.release())
+    return response
+
+
+def _generation(app: web.Application, prepared: GenerateRequest, arrival: float) -> Generation:
+    timeout = app[CONFIG].request_timeout_s
+    return Generation(
+        app[BACKEND],
+        prepared,
+        app[TOKENIZER],
+        app[METRICS],
+        arrival=arrival,
+        deadline=None if timeout is None else arrival + timeout,
+        background=app[BACKGROUND],
+    )
 
 
 async def _prepare(request: web.Request, endpoint: str, request_id: str) -> tuple[GenerateRequest, Any]:
     """Read the body on the loop, then decode, check and tokenize it in a worker thread."""
     app = request.app
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = app[CONFIG].max_request_bytes
-        raise ApiError(413, f"request body is larger than the limit of {limit} bytes") from None
+    body = await _read_body(request, app[CONFIG])
     max_model_len = app[BACKEND].max_model_len
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
         app[EXECUTOR], _prepare_sync, app, body, endpoint, request_id, max_model_len
     )
+
+
+async def _read_body(request: web.Request, config: GatewayConfig) -> bytes:
+    """The whole body, within `max_request_bytes` (413) and `body_timeout_s` from the head (408)."""
+    try:
+        return await asyncio.wait_for(request.read(), config.body_timeout_s)
+    except web.HTTPRequestEntityTooLarge:
+        limit = config.max_request_bytes
+        raise ApiError(413, f"request body is larger than the limit of {limit} bytes") from None
+    except asyncio.TimeoutError:
+        limit_s = config.body_timeout_s
+        raise ApiError(408, f"the request body did not arrive within {limit_s:g} s") from None
 
 
 def _prepare_sync(
@@ -261,11 +279,6 @@ def _empty_stages(detail: Any) -> list[str]:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """The gateway's metrics, then the backend's (stage load, transfers); a failing backend only
-    loses its own part."""
+    """The gateway's metrics and the backend's (stage load, transfers, stage timings), one exposition."""
     body = request.app[METRICS].exposition()
-    try:
-        body += request.app[BACKEND].metrics_text()
-    except Exception:
-        log.exception("backend metrics failed")
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import zmq.asyncio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 
 from common.mailbox import Mailbox
 from common.protocol import (
@@ -34,6 +36,7 @@ from common.protocol import (
     Tokens,
 )  # fmt: skip
 from gateway.backend import BackendError, GenerateRequest, TokenEvent
+from gateway.instance_metrics import InstanceCollector, StageClock, StageTimings
 from gateway.registry import Instance, Registry
 
 log = logging.getLogger("epd.gateway.cluster")
@@ -45,6 +48,7 @@ class _Flight:
     holders: dict[str, str] = field(default_factory=dict)  # instance id -> stage letter(s)
     decode_id: str = ""
     aborted: bool = False
+    clock: StageClock = field(default_factory=StageClock)
 
 
 class Cluster:
@@ -67,6 +71,11 @@ class Cluster:
         self._tasks: list[asyncio.Task] = []
         self.ctx: zmq.asyncio.Context | None = None
         self.mailbox: Mailbox | None = None
+        self.timings = StageTimings()
+        self._collectors: list[Collector] = [InstanceCollector(self.registry), *self.timings.collectors()]
+        self._metrics_registry = CollectorRegistry(auto_describe=True)
+        for collector in self._collectors:
+            self._metrics_registry.register(collector)
 
     @property
     def address(self) -> str:
@@ -111,37 +120,28 @@ class Cluster:
         counts = self.registry.counts()
         return all(counts[r] > 0 for r in "EPD"), {"instances": counts}
 
+    def collectors(self) -> list[Collector]:
+        """The per-instance figures and stage timings, for the gateway app to register in its own
+        registry (one exposition); `metrics_text` is the same for a caller without a registry."""
+        return list(self._collectors)
+
     def metrics_text(self) -> bytes:
-        lines = [
-            "# HELP epd_stage_queue_depth Requests queued at a stage instance (last heartbeat).",
-            "# TYPE epd_stage_queue_depth gauge",
-        ]
-        for i in self.registry.instances.values():
-            for role in i.info.roles:
-                depth = i.load.encode_queue if role == "E" else i.load.waiting
-                lines.append(f'epd_stage_queue_depth{{stage="{role}",instance="{i.id}"}} {depth}')
-        for name, kind, field_, help_ in _INSTANCE_GAUGES:
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
-            for i in self.registry.instances.values():
-                lines.append(f'{name}{{instance="{i.id}"}} {getattr(i.load, field_)}')
-        return ("\n".join(lines) + "\n").encode()
+        return generate_latest(self._metrics_registry)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        flight = self._place(request)
         finished = False
         try:
+            queue = self._place(request).queue
             while True:
-                item = await flight.queue.get()
+                item = await queue.get()
                 if isinstance(item, BackendError):
                     raise item
                 finished = item.finished
                 yield item
                 if finished:
                     return
-        finally:
-            if not finished and not flight.aborted:  # client gone, stop string, stage failure
-                self._send_abort(request.request_id, flight)
-            self._land(request.request_id)
+        finally:  # whatever ended it (a failed send while placing it included): free it everywhere
+            self._end(request.request_id, finished)
 
     async def abort(self, request_id: str) -> None:
         flight = self._flights.get(request_id)
@@ -166,7 +166,8 @@ class Cluster:
             if encode is None:
                 raise BackendError(503, "no live encode instance")
         rid = req.request_id
-        flight = _Flight(asyncio.Queue(), decode_id=decode.id)
+        clock = StageClock(split=decode is not prefill, with_images=bool(req.images))
+        flight = _Flight(asyncio.Queue(), decode_id=decode.id, clock=clock)
         self._flights[rid] = flight
         assert self.mailbox is not None
         if decode is not prefill:
@@ -215,6 +216,18 @@ class Cluster:
         if flight is not None:
             self._release(rid, flight, keep="")
 
+    def _end(self, rid: str, finished: bool) -> None:
+        """The request's iteration ended: abort it at its instances unless it finished or was aborted
+        (client gone, stop string, stage failure), and free its load counts even if the abort fails."""
+        flight = self._flights.get(rid)
+        if flight is None:
+            return
+        try:
+            if not finished and not flight.aborted:
+                self._send_abort(rid, flight)
+        finally:
+            self._land(rid)
+
     def _send_abort(self, rid: str, flight: _Flight) -> None:
         assert self.mailbox is not None
         flight.aborted = True
@@ -257,6 +270,7 @@ class Cluster:
             if flight is None:
                 return
             self._release(msg.request_id, flight, keep=flight.decode_id)
+            self.timings.first_token(flight.clock)
             if msg.finished and flight.holders:
                 self._send_abort(msg.request_id, flight)  # decode reserved blocks it will not need
             flight.queue.put_nowait(TokenEvent([msg.token_id], msg.finished, msg.finish_reason))
@@ -264,6 +278,7 @@ class Cluster:
             for u in msg.updates:
                 f = self._flights.get(u.request_id)
                 if f is not None:
+                    self.timings.decode_tokens(f.clock)
                     f.queue.put_nowait(TokenEvent(list(u.token_ids), u.finished, u.finish_reason))
         elif isinstance(msg, RequestError) and flight is not None:
             self._send_abort(msg.request_id, flight)
@@ -290,26 +305,6 @@ class Cluster:
             message = f"the {_stage_name(stage)} instance {inst.id} serving this request {what}"
             flight.queue.put_nowait(BackendError(503, message))
         inst.inflight.clear()
-
-
-# per-instance figures from the last heartbeat: (metric, type, Load field, help)
-_INSTANCE_GAUGES = [
-    ("epd_stage_running", "gauge", "running", "Requests running at an instance (last heartbeat)."),
-    (
-        "epd_kv_free_blocks",
-        "gauge",
-        "free_kv_blocks",
-        "Free blocks of an instance's KV pool (last heartbeat).",
-    ),
-    ("epd_kv_total_blocks", "gauge", "total_kv_blocks", "Blocks of an instance's KV pool."),
-    (
-        "epd_transfer_bytes",
-        "counter",
-        "transfer_bytes",
-        "Data-plane bytes moved by an instance (sent + received).",
-    ),
-    ("epd_transfer_seconds", "counter", "transfer_seconds", "Data-plane seconds spent by an instance."),
-]
 
 
 def _stage_name(stage: str) -> str:

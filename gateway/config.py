@@ -3,7 +3,8 @@
 Every limit that protects the gateway from a client lives here with a safe default: requests come from
 the network, so anything unbounded (image bytes, pixels, image count, body size, wall time) is a way to
 exhaust the process. Local image files are refused unless the operator names the folders they may come
-from.
+from. Limits no deployment needs to tune (JSON nesting depth, the integer ranges the wire and the engine
+hold) are constants in `gateway.request_limits` and `common.sampling_params`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ class GatewayConfig:
     request_timeout_s: float | None = 600.0  # arrival to last token; None: no deadline
     default_max_tokens: int | None = None  # when a request names none; None: the rest of the context
     preprocess_threads: int = 4  # threads decoding images and tokenizing prompts off the event loop
+    # Prompt text may hold this many characters per token of the context (max_model_len); longer text
+    # is refused before it is tokenized, since tokenizing costs hundreds of bytes per character.
+    # English averages about 4 characters a token and code about 3; 16 leaves room for long runs of
+    # whitespace or symbols, and bounds the text of a 32768-token context to 524288 characters.
+    max_prompt_chars_per_token: int = 16
+    # connection limits (enforced by gateway.connection_limits and the body read in gateway.app)
+    header_timeout_s: float = 10.0  # a connection's first request head; a later one from its first byte
+    body_timeout_s: float = 30.0  # a request's body, from its complete head; 408 after
+    keepalive_timeout_s: float = 15.0  # an idle connection: no new request this long after the last
+    max_connections: int = 4096  # open client connections; more are answered 503 and closed
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir).expanduser()
@@ -38,7 +49,13 @@ class GatewayConfig:
             self.served_model_name = self.model_dir.resolve().name
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        for name in ("max_images_per_request", "max_image_bytes", "max_image_pixels", "preprocess_threads"):
+        for name in (
+            "max_images_per_request",
+            "max_image_bytes",
+            "max_image_pixels",
+            "preprocess_threads",
+            "max_prompt_chars_per_token",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_request_bytes < self.max_image_bytes * 4 // 3 + 1024:
@@ -51,6 +68,7 @@ class GatewayConfig:
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be at least 1 or None, got {self.default_max_tokens}")
         self.allowed_local_media_dirs = [_folder(d) for d in self.allowed_local_media_dirs]
+        _check_connection_limits(self)
 
 
 def _folder(path: str | os.PathLike[str]) -> Path:
@@ -58,3 +76,11 @@ def _folder(path: str | os.PathLike[str]) -> Path:
     if not resolved.is_dir():
         raise ValueError(f"allowed local media folder {path} does not exist")
     return resolved
+
+
+def _check_connection_limits(config: GatewayConfig) -> None:
+    for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    if config.max_connections < 1:
+        raise ValueError(f"max_connections must be at least 1, got {config.max_connections}")

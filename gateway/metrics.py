@@ -8,7 +8,12 @@ than prometheus_client's global one, so several apps in one process (tests) neve
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("epd.gateway.metrics")
 
 PREFIX = "epd_gateway"
 # Seconds; fine steps below a second for TTFT, a wide tail for long generations.
@@ -50,6 +55,36 @@ class GatewayMetrics:
         )
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Generated tokens.", registry=r)
         self.running = Gauge(f"{PREFIX}_running_requests", "Requests being generated now.", registry=r)
+        self.preprocess = Histogram(
+            f"{PREFIX}_preprocess_seconds",
+            "Arrival of an admitted request to its prompt being ready: body read, validation, image "
+            "loading, chat template.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            f"{PREFIX}_open_connections", "Client connections open now (HTTP).", registry=r
+        )
+        self.connections_closed = Counter(
+            f"{PREFIX}_connections_closed",
+            "Client connections the gateway closed on its own, by reason: limit (over max_connections, "
+            "answered 503), header_timeout (no complete request head in time).",
+            ["reason"],
+            registry=r,
+        )
+
+        self._backend_text: Any = None  # a backend whose metrics_text() is appended to the exposition
+
+    def add_backend(self, backend: Any) -> None:
+        """Register the backend's collectors (the cluster's per-instance figures and stage timings) in
+        this registry, so /metrics is one exposition, names and escaping done by prometheus_client. A
+        backend without `collectors()` has its `metrics_text()` appended instead."""
+        collectors = getattr(backend, "collectors", None)
+        if not callable(collectors):
+            self._backend_text = backend
+            return
+        for collector in collectors():
+            self.registry.register(collector)
 
     def record_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
@@ -67,4 +102,12 @@ class GatewayMetrics:
         self.e2e.observe(e2e)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """This registry's text, then the text of a backend without collectors; a failing backend only
+        loses its own part."""
+        body = generate_latest(self.registry)
+        if self._backend_text is not None:
+            try:
+                body += self._backend_text.metrics_text()
+            except Exception:
+                log.exception("backend metrics failed")
+        return body

@@ -2,8 +2,10 @@
 
 Bodies are decoded straight into msgspec Structs, so a wrong type anywhere is caught in one place and
 reported with the field's path (`messages[0].content`); unknown fields are ignored, as most
-OpenAI-compatible servers do, so clients that send extra options keep working. What a type cannot
+OpenAI-compatible servers do, so clients that send extra options keep working; but the OpenAI options
+this server does not implement are refused when set (`gateway.request_limits`). What a type cannot
 express (roles, content parts, ranges, `n`) is checked here, each refusal naming the field at fault.
+Before msgspec sees a body, its nesting depth is checked (the decoder recurses once per level).
 
 The checks that need the tokenized prompt (context length, placeholder expansion) and the images
 themselves live in `gateway.preprocess`; this module never blocks.
@@ -13,17 +15,24 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from common.sampling_params import SamplingParams
+from common.sampling_params import INT32_MAX, INT64_MAX, INT64_MIN, SAMPLING_EPS, SamplingParams
 from gateway.errors import ApiError, bad_request
+from gateway.request_limits import (
+    MAX_JSON_DEPTH,
+    UnsupportedOptions,
+    check_int_range,
+    check_json_depth,
+    check_supported,
+)
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "image_url")
-INT64 = 2**63
 
 
 class StreamOptions(msgspec.Struct):
@@ -36,7 +45,7 @@ class ChatMessage(msgspec.Struct):
     name: str | None = None
 
 
-class _SamplingFields(msgspec.Struct, kw_only=True):
+class _SamplingFields(UnsupportedOptions, kw_only=True):
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -73,16 +82,23 @@ class ChatPrompt:
     image_urls: list[tuple[str, str]] = field(default_factory=list)  # (url, param)
 
 
-def decode_body(body: bytes, schema: type[msgspec.Struct]) -> Any:
-    """Decode and type-check a JSON body; every failure is a 400 that says what is wrong and where."""
+def decode_body(body: bytes, schema: type[msgspec.Struct], max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Decode and type-check a JSON body; every failure is a 400 that says what is wrong and where.
+
+    The depth scan runs first, so the decoder never recurses past `max_depth`; the RecursionError
+    handler is only a backstop.
+    """
     if not body.strip():
         raise bad_request("request body is empty; expected a JSON object")
+    check_json_depth(body, max_depth)
     try:
         return msgspec.json.decode(body, type=schema)
     except msgspec.ValidationError as exc:
         raise _schema_error(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"malformed JSON in request body: {exc}") from None
+    except RecursionError:
+        raise bad_request("request body nests arrays and objects too deeply") from None
 
 
 def _schema_error(text: str) -> ApiError:
@@ -173,19 +189,21 @@ def requested_max_tokens(request: _SamplingFields) -> tuple[int | None, str]:
 
 
 def check_sampling_fields(
-    request: _SamplingFields, vocab_size: int, defaults: dict[str, Any] | None = None
+    request: _SamplingFields, vocab_size: int | None, defaults: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The sampling fields that do not depend on the prompt, checked, as SamplingParams arguments.
 
     Fields the request leaves out take `defaults` (the checkpoint's generation config, as vLLM does),
-    then OpenAI's. Cheap, so it runs before any image is decoded.
+    then OpenAI's. Ranges follow vLLM's `SamplingParams._verify_args`, with every integer bounded to
+    what the wire and the engine hold. Cheap, so it runs before any image is decoded or text tokenized.
     """
     defaults = defaults or {}
+    check_supported(request)
     if request.n is not None and request.n != 1:
         raise bad_request(f"n must be 1 (one choice per request is supported), got {request.n}", param="n")
     max_tokens, name = requested_max_tokens(request)
-    if max_tokens is not None and max_tokens < 1:
-        raise bad_request(f"{name} must be at least 1, got {max_tokens}", param=name)
+    if max_tokens is not None:
+        check_int_range(max_tokens, name, 1, INT32_MAX)
     temperature = float(_pick(request.temperature, defaults.get("temperature"), 1.0))
     if not math.isfinite(temperature) or temperature < 0:
         raise bad_request(f"temperature must be a finite number >= 0, got {temperature}", param="temperature")
@@ -193,23 +211,24 @@ def check_sampling_fields(
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise bad_request(f"top_p must be in (0, 1], got {top_p}", param="top_p")
     top_k = int(_pick(request.top_k, defaults.get("top_k"), 0))
-    if top_k < -1:
-        raise bad_request(f"top_k must be >= 1, or 0 or -1 to disable it, got {top_k}", param="top_k")
-    if request.seed is not None and not -INT64 <= request.seed < INT64:
+    if not -1 <= top_k <= INT32_MAX:
+        raise bad_request(
+            f"top_k must be -1, 0 or between 1 and {INT32_MAX}, got {top_k} (-1 and 0 disable it)",
+            param="top_k",
+        )
+    if request.seed is not None and not INT64_MIN <= request.seed <= INT64_MAX:
         raise bad_request(f"seed must fit in a signed 64-bit integer, got {request.seed}", param="seed")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if any(not s for s in stop):
         raise bad_request("stop strings must not be empty", param="stop")
-    stop_ids = list(request.stop_token_ids or [])
-    if any(not 0 <= t < vocab_size for t in stop_ids):
-        raise bad_request(f"stop_token_ids must be token ids in [0, {vocab_size})", param="stop_token_ids")
     return {
-        "temperature": temperature,
+        # as vLLM: below SAMPLING_EPS is greedy, since dividing logits by it overflows to inf and NaN
+        "temperature": temperature if temperature >= SAMPLING_EPS else 0.0,
         "top_p": top_p,
         "top_k": max(top_k, 0),
         "seed": request.seed,
         "stop": stop,
-        "stop_token_ids": stop_ids,
+        "stop_token_ids": _stop_token_ids(request.stop_token_ids or [], vocab_size),
         "ignore_eos": bool(request.ignore_eos),
     }
 
@@ -220,7 +239,7 @@ def sampling_params(
     prompt_len: int,
     max_model_len: int,
     default_max_tokens: int | None,
-    vocab_size: int,
+    vocab_size: int | None,
     defaults: dict[str, Any] | None = None,
 ) -> SamplingParams:
     """Sampling settings for a prompt of `prompt_len` tokens, refusing what cannot run (vLLM's rules).
@@ -231,11 +250,8 @@ def sampling_params(
     """
     fields = check_sampling_fields(request, vocab_size, defaults)
     if prompt_len >= max_model_len:
-        raise bad_request(
-            f"this model's maximum context length is {max_model_len} tokens, but the prompt has {prompt_len} "
-            f"tokens (images included), leaving no room for output; shorten the prompt or send fewer images",
-            param="messages" if hasattr(request, "messages") else "prompt",
-            code="context_length_exceeded",
+        raise context_full(
+            prompt_len, max_model_len, "messages" if hasattr(request, "messages") else "prompt"
         )
     room = max_model_len - prompt_len
     max_tokens, name = requested_max_tokens(request)
@@ -249,6 +265,27 @@ def sampling_params(
             code="context_length_exceeded",
         )
     return SamplingParams(max_tokens=max_tokens, **fields)
+
+
+def context_full(prompt_len: int, max_model_len: int, param: str) -> ApiError:
+    """The 400 for a prompt that leaves no room for a single output token."""
+    return bad_request(
+        f"this model's maximum context length is {max_model_len} tokens, but the prompt has {prompt_len} "
+        f"tokens (images included), leaving no room for output; shorten the prompt or send fewer images",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def _stop_token_ids(ids: Sequence[int], vocab_size: int | None) -> list[int]:
+    """Each id a token of the vocabulary (when its size is known) and within int32 anyway."""
+    end = INT32_MAX + 1 if vocab_size is None else min(vocab_size, INT32_MAX + 1)
+    for i, token in enumerate(ids):
+        if not 0 <= token < end:
+            raise bad_request(
+                f"stop_token_ids[{i}] must be a token id in [0, {end}), got {token}", param="stop_token_ids"
+            )
+    return list(ids)
 
 
 def _pick(*values: Any) -> Any:

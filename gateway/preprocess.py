@@ -4,11 +4,16 @@ This is the blocking part of a request (image decoding, template rendering, toke
 so the app runs it in a worker thread and the event loop keeps streaming other requests' tokens. The
 prompt is rendered with one `<|image_pad|>` per image, then each is expanded to the image's token count
 (known from its size alone), and only then is the context length checked: images count.
+
+Everything cheap comes first, so a refused request costs next to nothing: the sampling fields and
+the prompt's length in characters (`gateway.request_limits`) are checked before any image is decoded
+or any text rendered and tokenized; a prompt too long in characters is never tokenized at all.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +30,10 @@ from gateway.openai_api import (
     CompletionRequest,
     chat_prompt,
     check_sampling_fields,
+    context_full,
     sampling_params,
 )
+from gateway.request_limits import chat_text_chars, check_prompt_chars
 
 IMAGE_TOKEN = "<|image_pad|>"
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k")
@@ -58,6 +65,7 @@ class Preprocessor:
     def chat(self, request: ChatCompletionRequest, request_id: str, max_model_len: int) -> GenerateRequest:
         prompt = chat_prompt(request, self.config.max_images_per_request)
         check_sampling_fields(request, self.tokenizer.vocab_size, self.sampling_defaults)  # before images
+        self._check_chars(chat_text_chars(prompt.messages), max_model_len, "messages")
         if prompt.image_urls and self.images is None:
             raise bad_request("this model does not take images", param="messages")
         images = [self.images.load(url, param) for url, param in prompt.image_urls] if self.images else []
@@ -70,18 +78,22 @@ class Preprocessor:
         return GenerateRequest(request_id=request_id, token_ids=token_ids, images=images, params=params)
 
     def completion(self, request: CompletionRequest, request_id: str, max_model_len: int) -> GenerateRequest:
-        token_ids = self._completion_prompt(request.prompt)
+        check_sampling_fields(request, self.tokenizer.vocab_size, self.sampling_defaults)  # before tokenizing
+        token_ids = self._completion_prompt(request.prompt, max_model_len)
         if not token_ids:
             raise bad_request("'prompt' must not be empty", param="prompt")
         token_ids = self._expand(token_ids, [], "prompt")
         params = self._sampling(request, len(token_ids), max_model_len)
         return GenerateRequest(request_id=request_id, token_ids=token_ids, images=[], params=params)
 
-    def _completion_prompt(self, prompt: Any) -> list[int]:
+    def _completion_prompt(self, prompt: Any, max_model_len: int) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
+            self._check_chars(len(prompt), max_model_len, "prompt")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, list) and prompt and type(prompt[0]) is int and len(prompt) >= max_model_len:
+            raise context_full(len(prompt), max_model_len, "prompt")  # before looking at each id
         if isinstance(prompt, list) and all(type(t) is int for t in prompt):
             vocab = self.tokenizer.vocab_size
             if any(not 0 <= t < vocab for t in prompt):
@@ -91,6 +103,14 @@ class Preprocessor:
             "'prompt' must be a string, a list of one string or a list of token ids "
             "(batched prompts are not supported)",
             param="prompt",
+        )
+
+    def _check_chars(self, chars: int, max_model_len: int, param: str) -> None:
+        check_prompt_chars(
+            chars,
+            max_model_len=max_model_len,
+            chars_per_token=self.config.max_prompt_chars_per_token,
+            param=param,
         )
 
     def _expand(self, token_ids: list[int], counts: list[int], param: str) -> list[int]:
@@ -122,10 +142,15 @@ def _sampling_defaults(generation: dict[str, Any]) -> dict[str, Any]:
     A config that says `do_sample: false` (and names no temperature) asks for greedy decoding, as
     transformers' `generate` would do with it, so the default temperature is then 0.
     """
-    defaults = {k: generation[k] for k in SAMPLING_DEFAULT_KEYS if generation.get(k) is not None}
+    defaults = {k: generation[k] for k in SAMPLING_DEFAULT_KEYS if _finite_number(generation.get(k))}
     if generation.get("do_sample") is False and "temperature" not in defaults:
         defaults["temperature"] = 0.0
     return defaults
+
+
+def _finite_number(value: Any) -> bool:
+    """A usable default: a checkpoint's config is JSON too, and may hold null, a string or NaN."""
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """One request's generation, from backend token events to an OpenAI response, whole or streamed (SSE).
 
 `Generation` turns the backend's token events into text deltas (incremental detokenization, stop
-strings), keeps the timings for TTFT/TPOT, enforces the request deadline, and on `close()` releases the
-request: an abort to the backend unless the backend said it finished. `respond` writes the deltas as a
+strings), keeps the timings for TTFT/TPOT, enforces the request deadline, and on `release()` records
+its metrics and frees the request: an abort to the backend unless the backend said it finished. `respond` writes the deltas as a
 JSON body or as SSE chunks.
 
 Errors and the HTTP status: a stream's headers are only sent once the first event arrived, so a request
@@ -71,7 +71,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
-        self._closed = False
+        self._release_task: asyncio.Task[None] | None = None  # set by release(), once
         metrics.running.inc()
 
     @property
@@ -113,16 +113,24 @@ class Generation:
     def _timeout_s(self) -> float:
         return 0.0 if self.deadline is None else self.deadline - self.arrival
 
-    async def close(self) -> None:
-        """Record the metrics and release the request (abort unless finished); safe to call twice.
+    def release(self) -> asyncio.Task[None]:
+        """Record the generation's metrics and start releasing the request (abort unless finished);
+        later calls return the same task.
 
-        The release runs in its own task, shielded: a handler cancelled because its client went away
-        still gets its request aborted everywhere.
+        Nothing here awaits: a handler cancelled at any point (its client went away, even right after
+        `[DONE]`) has still done all of it once this returns. The release runs in its own task, kept in
+        `background` until it ends, so it is never cut short by the handler's cancellation.
         """
-        if self._closed:
-            return
-        self._closed = True
+        if self._release_task is not None:
+            return self._release_task
+        task = self._release_task = asyncio.ensure_future(self._release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         self.metrics.running.dec()
+        self._record()
+        return task
+
+    def _record(self) -> None:
         tokens = self.usage.completion_tokens
         first, last = self.first_token_at, self.last_token_at
         tpot = None
@@ -135,24 +143,24 @@ class Generation:
             tpot=tpot,
             e2e=time.monotonic() - self.arrival,
         )
-        task = asyncio.ensure_future(self._release())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        await asyncio.shield(task)
 
     async def _release(self) -> None:
         request_id = self.request.request_id
-        if not self._backend_finished:
-            try:
+        try:
+            if not self._backend_finished:
                 await self.backend.abort(request_id)
-            except Exception:
-                log.exception("backend abort failed", request_id=request_id)
+        except Exception:
+            log.exception("backend abort failed", request_id=request_id)
+        finally:  # the event stream is closed even when the abort failed: that is what frees the request
+            await self._close_events()
+
+    async def _close_events(self) -> None:
         aclose = getattr(self._events, "aclose", None)
         if aclose is not None:
             try:
                 await aclose()
             except Exception:
-                log.exception("closing the backend's event stream failed", request_id=request_id)
+                log.exception("closing the backend's event stream failed", request_id=self.request.request_id)
 
 
 def _loop_time(deadline: float) -> float:
@@ -176,7 +184,7 @@ async def respond(
 ) -> tuple[web.StreamResponse, int]:
     """Run `generation` to its end into a response; returns it with the outcome status for the metrics.
 
-    The caller must `close()` the generation afterwards (in a `finally`, so cancellation releases it).
+    The caller must `release()` the generation afterwards (in a `finally`, so cancellation releases it).
     """
     try:
         first = await generation.next_delta()

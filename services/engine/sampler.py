@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from common.sampling_params import SamplingParams
+from common.sampling_params import SAMPLING_EPS, SamplingParams
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over the seed space
 
 
@@ -63,16 +64,24 @@ def _cut_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
+def _drawn(p: SamplingParams) -> bool:
+    """Whether a row is drawn rather than greedy. A temperature below SAMPLING_EPS (or NaN) is greedy,
+    as in vLLM: dividing logits by it overflows float32 to inf, the softmax turns that into NaN, and
+    argmax over NaN picks token 0. Checked here too, whatever the params' own checks let through."""
+    return p.temperature >= SAMPLING_EPS
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]) -> list[int]:
     """One token per row of `logits` [B, V]; `output_indices[i]` is the index that token will have in
     its request's output (0 for the first token)."""
     tokens = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
+    rows = [i for i, p in enumerate(params) if _drawn(p)]
     if not rows:
         return tokens.tolist()
     device = logits.device
     picked = [params[i] for i in rows]
-    temperature = torch.tensor([p.temperature for p in picked], device=device)
+    temperature = torch.tensor([p.temperature for p in picked], dtype=torch.float32, device=device)
+    temperature = temperature.clamp(max=_FLOAT32_MAX)  # 1e39 would be inf, and -inf / inf is NaN
     top_k = torch.tensor([p.top_k for p in picked], device=device)
     top_p = torch.tensor([p.top_p for p in picked], device=device)
     scaled = logits[rows].float() / temperature[:, None]

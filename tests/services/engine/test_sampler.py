@@ -60,3 +60,28 @@ def test_temperature_sampling_follows_the_distribution():
     for s in range(n):
         counts[sample(lg, [SamplingParams(temperature=1.0, seed=s)], [0])[0]] += 1
     assert torch.allclose(counts / n, probs, atol=0.03), counts / n
+
+
+def test_temperatures_below_the_epsilon_are_greedy_not_nan():
+    # dividing by 1e-40 overflows float32 to inf and the softmax to NaN, whose argmax is token 0
+    lg = logits()
+    lg[:, 0] = lg.min() - 1  # token 0 is nobody's best, so a NaN draw would show
+    greedy = lg.argmax(-1).tolist()
+    for temperature in (1e-40, 1e-30, 9e-6):
+        params = [SamplingParams(temperature=temperature, seed=s) for s in range(4)]
+        assert sample(lg, params, [0] * 4) == greedy, temperature
+
+
+def test_a_nan_temperature_that_reaches_the_sampler_is_greedy():
+    lg = logits()
+    lg[:, 0] = lg.min() - 1
+    p = SamplingParams(temperature=1.0)
+    p.temperature = float("nan")  # past the params' own checks, as a decoded wire message might be
+    assert sample(lg, [p] * 4, [0] * 4) == lg.argmax(-1).tolist()
+
+
+def test_a_huge_temperature_never_draws_a_masked_token():
+    # 1e39 is a finite float64 but inf in float32, and -inf / inf is NaN
+    lg = torch.tensor([[float("-inf"), 1.0, 2.0, 3.0]])
+    draws = {sample(lg, [SamplingParams(temperature=1e39, seed=s)], [0])[0] for s in range(100)}
+    assert draws == {1, 2, 3}, draws
