@@ -5,6 +5,10 @@ its endpoint. To talk to a peer it connects a DEALER to the peer's inbox (one pe
 messages are one-way; an answer is a message to the asker's inbox. This keeps every process's I/O in
 one place, makes no process wait on another's reply socket, and lets any process reach any other by
 address alone (which is what `--scale decode=2` needs: nothing is wired by hand).
+
+With the stack's keys (common/stack_keys.py) the inbox is a CURVE server whose ZAP handler admits
+only members, and every outbox a CURVE client: a process without the keys is never connected, so
+nothing it sends arrives and nothing is sent to it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from common.protocol import Msg
+from common.stack_keys import StackKeys, guard
 from common.wire import ProtocolError, decode_frames, encode_frames
 
 log = logging.getLogger("epd.mailbox")
@@ -24,13 +29,23 @@ log = logging.getLogger("epd.mailbox")
 
 class Mailbox:
     def __init__(
-        self, ctx: zmq.asyncio.Context, name: str, bind: str = "tcp://127.0.0.1:*", advertise_host: str = ""
+        self,
+        ctx: zmq.asyncio.Context,
+        name: str,
+        bind: str = "tcp://127.0.0.1:*",
+        advertise_host: str = "",
+        keys: StackKeys | None = None,
     ) -> None:
+        """Built inside a running event loop (the ZAP handler of a keyed mailbox runs on it)."""
         self.ctx = ctx
         self.name = name
+        self.keys = keys
+        self._auth = guard(ctx, keys, asyncio=True)
         self.inbox = ctx.socket(zmq.ROUTER)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.setsockopt(zmq.RCVHWM, 0)
+        if keys is not None:
+            keys.serve(self.inbox)
         self.inbox.bind(bind)
         self.address: str = self.inbox.getsockopt(zmq.LAST_ENDPOINT).decode()
         if advertise_host:  # bound to 0.0.0.0 (a container): peers reach us by name
@@ -40,10 +55,17 @@ class Mailbox:
 
     async def recv(self) -> tuple[Msg, list[Any]]:
         """The next well-formed message; malformed ones are logged and dropped."""
+        _, msg, buffers = await self.recv_from()
+        return msg, buffers
+
+    async def recv_from(self) -> tuple[bytes, Msg, list[Any]]:
+        """The next well-formed message with the routing id of the connection it came on (the same
+        for every message of one peer's outbox, until that connection is made again)."""
         while True:
             frames = await self.inbox.recv_multipart(copy=False)
             try:
-                return decode_frames(frames[1:])  # frame 0 is the sender's routing id
+                msg, buffers = decode_frames(frames[1:])
+                return bytes(frames[0].bytes), msg, buffers
             except ProtocolError as exc:
                 self.dropped += 1
                 log.warning("dropped a malformed message on %s: %s", self.name, exc)
@@ -57,6 +79,8 @@ class Mailbox:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
+            if self.keys is not None:
+                self.keys.connect(sock)
             sock.connect(address)
             self._outboxes[address] = sock
         sock.send_multipart(encode_frames(msg, buffers), copy=False)
@@ -72,3 +96,6 @@ class Mailbox:
             sock.close(linger=0)
         self._outboxes.clear()
         self.inbox.close(linger=0)
+        if self._auth is not None:
+            self._auth.release()
+            self._auth = None

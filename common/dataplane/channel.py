@@ -6,6 +6,9 @@ the `Ledger` (expect, poll, abort), never a socket. Malformed messages are logge
 
 Producer: one `PeerSender` (sender.py) per consumer. Backends implement `send_job` (producer, on the
 sender's thread) and `on_message` (consumer, on the receiving thread).
+
+With the stack's keys every socket of the plane runs CURVE (common/stack_keys.py): the consumer's
+sockets admit only members, and producers connect only to members.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from common.dataplane.base import DataPlane, Region, Source, TransferHandle
 from common.dataplane.ledger import Ledger
 from common.dataplane.memory import BufferTable, HostBuffers, byte_view
 from common.dataplane.sender import POLL_MS, Job, PeerSender
+from common.stack_keys import StackKeys, guard
 
 log = logging.getLogger("epd.dataplane")
 
@@ -52,10 +56,13 @@ class ChannelDataPlane(HostBuffers, DataPlane):
         ttl: float = 60.0,
         max_remembered: int = 10_000,
         io_threads: int = 1,
+        keys: StackKeys | None = None,
     ) -> None:
         super().__init__()
         self.hwm = hwm
         self.context = zmq.Context(io_threads=io_threads)
+        self.keys = keys
+        self._guard = guard(self.context, keys)
         self.buffers = BufferTable()
         self.ledger = Ledger(
             ttl=ttl, max_remembered=max_remembered, on_success=self._received, on_abort=self.consumer_aborted
@@ -63,6 +70,7 @@ class ChannelDataPlane(HostBuffers, DataPlane):
         self._pull = self.context.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.setsockopt(zmq.RCVHWM, hwm)
+        self.serve(self._pull)
         self._pull.bind(f"tcp://{host}:*")
         endpoint = self._pull.getsockopt_string(zmq.LAST_ENDPOINT)
         if advertise_host:
@@ -73,6 +81,16 @@ class ChannelDataPlane(HostBuffers, DataPlane):
         self._closed = threading.Event()
         self._receiver = threading.Thread(target=self._receive_loop, name="epd-dataplane-recv", daemon=True)
         self._receiver.start()
+
+    def serve(self, sock: zmq.Socket) -> None:
+        """Secure a socket this plane binds (before bind); a no-op without keys."""
+        if self.keys is not None:
+            self.keys.serve(sock)
+
+    def secure_client(self, sock: zmq.Socket) -> None:
+        """Secure a socket this plane connects to a peer (before connect); a no-op without keys."""
+        if self.keys is not None:
+            self.keys.connect(sock)
 
     def descriptor(self) -> dict[str, Any]:
         return {"backend": self.backend, "id": self.id, "endpoint": self.endpoint, **HOST_IDENTITY}
@@ -185,4 +203,6 @@ class ChannelDataPlane(HostBuffers, DataPlane):
             sender.stop()
         self._receiver.join(timeout=5)
         self._pull.close(linger=0)
+        if self._guard is not None:
+            self._guard.release()
         self.context.destroy(linger=0)

@@ -89,6 +89,7 @@ class NixlDataPlane(ChannelDataPlane):
         self._kept: list[Any] = []
         self._router = self.context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
+        self.serve(self._router)
         self._router.bind(f"tcp://{host}:*")
         endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         if advertise_host:

@@ -70,6 +70,7 @@ class Link:
         self.sender = sender
         self.socket = plane.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        plane.secure_client(self.socket)
         self.socket.connect(sender.peer["grants"])
         self.seq = 0
         self.md_version = -1

@@ -107,6 +107,7 @@ class PeerSender:
             self.socket = self.plane.context.socket(zmq.PUSH)
             self.socket.setsockopt(zmq.LINGER, 0)
             self.socket.setsockopt(zmq.SNDHWM, self.plane.hwm)
+            self.plane.secure_client(self.socket)
             self.socket.connect(self.peer["endpoint"])
         except zmq.ZMQError as exc:
             broken = f"cannot connect to {self.peer['endpoint']!r}: {exc}"
