@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cli.key_options import add_api_key_argument, add_key_arguments, api_key
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -29,17 +31,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
                    help="folder clients may name local images from (repeatable)")  # fmt: skip
+    add_api_key_argument(p)
+    add_key_arguments(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from cli.key_options import resolve_keys
     from cli.stack import Stack, StackConfig
     from common.log import configure_logging
     from services.models.loader import ModelLoadError, read_model_type  # torch-free check
 
     configure_logging("gateway")
+    keys = resolve_keys(args, "epd-serve gateway")
     try:
         read_model_type(args.model)
     except ModelLoadError as exc:
@@ -49,5 +55,6 @@ def run(args: argparse.Namespace) -> int:
         model_dir=args.model, topology=None, host=args.host, port=args.port,
         control_host=args.control_host or args.host, control_port=args.control_port,
         max_model_len=args.max_model_len, allowed_local_media_dirs=args.allowed_local_media_path,
+        keys=keys, insecure=keys is None, api_key=api_key(args),
     )  # fmt: skip
     return asyncio.run(Stack(config).serve_forever())

@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "bench": "cli.bench",
     "bench-dataplane": "cli.bench_dataplane",
     "ask": "cli.ask",
+    "keys": "cli.keys",
 }
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from cli.engine_options import add_engine_arguments
+from cli.key_options import add_key_arguments, resolve_keys
 
 
 def add_parser(subparsers) -> None:
@@ -41,6 +42,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--threads", type=int, help="torch threads of this process (default: torch's)")
     p.add_argument("--cpus", help="pin this process to these CPUs, e.g. 0 or 0-3 or 0,2")
+    add_key_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if args.cpus:
         os.sched_setaffinity(0, parse_cpus(args.cpus))
     kv_bytes = None if args.kv_cache_memory is None else args.kv_cache_memory * 2**20
+    args.insecure = args.insecure or os.environ.get("EPD_INSECURE") == "1"  # a child of `up --insecure`
+    keys = resolve_keys(args, "epd-serve serve")
     try:
         config = HostConfig(
             roles=args.roles, model_dir=args.model, gateway_address=args.gateway, dataplane=args.dataplane,
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
             stage_kv={"auto": None, "on": True, "off": False}[args.kv_staging],
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len, threads=args.threads,
+            max_model_len=args.max_model_len, threads=args.threads, keys=keys,
         )  # fmt: skip
     except ValueError as exc:
         print(f"epd-serve serve: error: {exc}", file=sys.stderr)

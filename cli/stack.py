@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cli.placement import Placement, place
 from common.log import get_logger
+from common.stack_keys import ENV_DIR, ENV_PUBLIC, ENV_SECRET, StackKeys
 from common.topology import Topology
 
 log = get_logger("epd.up")
@@ -50,6 +51,15 @@ class StackConfig:
     allowed_local_media_dirs: list[str] = field(default_factory=list)
     ready_timeout: float = 180.0
     restart: bool = True
+    # The stack's CurveZMQ keys, handed to its stage processes through their environment. None with
+    # `insecure`: nobody is authenticated; None otherwise: a fresh pair for this stack.
+    keys: StackKeys | None = None
+    insecure: bool = False
+    api_key: str | None = None  # clients must send it as a Bearer token on /v1 routes
+
+    def __post_init__(self) -> None:
+        if self.keys is None and not self.insecure:
+            self.keys = StackKeys.generate()
 
 
 def build_tiny_model() -> str:
@@ -83,11 +93,18 @@ class Stack:
                 config.topology.processes(), config.device, config.devices, config.devices_for, os.environ
             )
         )
-        # per child: this environment plus its visible-devices variable; None (on cpu): this one as is
-        self.envs = [{**os.environ, **p.env} if p.env else None for p in self.placements]
+        # per child: this environment, its visible-devices variable and the stack's keys
+        self.envs = [{**os.environ, **p.env, **self._key_env()} for p in self.placements]
         self.cluster = None
         self.runner = None
         self._supervisor: asyncio.Task | None = None
+
+    def _key_env(self) -> dict[str, str]:
+        """How a child finds the stack's keys (it reads them before anything else)."""
+        keys = self.config.keys
+        if keys is None:
+            return {"EPD_INSECURE": "1"}
+        return {ENV_PUBLIC: keys.public.decode(), ENV_SECRET: keys.secret.decode(), ENV_DIR: ""}
 
     def serve_command(self, index: int, roles: str, gateway: str) -> list[str]:
         """The `epd-serve serve` command of process `index` (its device comes from its placement)."""
@@ -123,7 +140,10 @@ class Stack:
         max_len = c.max_model_len or model_max_len(c.model_dir)
         ctrl_host = c.control_host or (c.host if c.host not in ("0.0.0.0", "::") else "127.0.0.1")
         self.cluster = Cluster(
-            Path(c.model_dir).resolve().name, max_len, f"tcp://{ctrl_host}:{c.control_port or '*'}"
+            Path(c.model_dir).resolve().name,
+            max_len,
+            f"tcp://{ctrl_host}:{c.control_port or '*'}",
+            keys=c.keys,
         )
         await self.cluster.start()
         if c.topology is not None:
@@ -137,7 +157,7 @@ class Stack:
         tokenizer = TextTokenizer.from_dir(c.model_dir)
         gw_config = GatewayConfig(
             model_dir=Path(c.model_dir), host=c.host, port=c.port,
-            allowed_local_media_dirs=[Path(d) for d in c.allowed_local_media_dirs],
+            allowed_local_media_dirs=[Path(d) for d in c.allowed_local_media_dirs], api_key=c.api_key,
         )  # fmt: skip
         self.runner = await start_site(create_app(gw_config, self.cluster, tokenizer), c.host, c.port)
 

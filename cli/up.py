@@ -14,6 +14,7 @@ import os
 import sys
 
 from cli.engine_options import add_engine_arguments
+from cli.key_options import add_api_key_argument, add_key_arguments, api_key, resolve_keys
 
 
 def add_parser(subparsers) -> None:
@@ -54,6 +55,8 @@ def add_parser(subparsers) -> None:
                    help="folder clients may name local images from (repeatable; default: none)")  # fmt: skip
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for registration")
     p.add_argument("--no-restart", action="store_true", help="do not restart a stage process that exits")
+    add_api_key_argument(p)
+    add_key_arguments(p, generates=True)
     p.set_defaults(run=run)
 
 
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from common.topology import parse_topology
 
     configure_logging("up")
+    keys = resolve_keys(args, "epd-serve up", generate=True)
     try:
         topology = parse_topology(args.topology)
         # where each process goes is checked before anything is built or started
@@ -98,6 +102,6 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         threads=args.threads or max(1, cores // n), cpus=cpus,
         allowed_local_media_dirs=args.allowed_local_media_path, ready_timeout=args.ready_timeout,
-        restart=not args.no_restart,
+        restart=not args.no_restart, keys=keys, insecure=keys is None, api_key=api_key(args),
     )  # fmt: skip
     return asyncio.run(Stack(config).serve_forever())

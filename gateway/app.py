@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from common.tokenizer import TextTokenizer
 from gateway.accounting import Outcome, accounted
+from gateway.api_key import require_api_key
 from gateway.backend import Backend, GenerateRequest
 from gateway.config import GatewayConfig
 from gateway.connection_limits import ConnectionGuard, GuardedSite, track_requests
@@ -50,6 +51,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_app(config: GatewayConfig, backend: Backend, tokenizer: TextTokenizer) -> web.Application:
     middlewares = [track_requests, _errors_as_json]
+    if config.api_key:
+        middlewares.append(require_api_key(config.api_key))
     app = web.Application(client_max_size=config.max_request_bytes, middlewares=middlewares)
     app[CONFIG] = config
     app[BACKEND] = backend

@@ -35,6 +35,7 @@ from common.protocol import (
     RequestError,
     Tokens,
 )  # fmt: skip
+from common.stack_keys import StackKeys
 from gateway.backend import BackendError, GenerateRequest, TokenEvent
 from gateway.instance_metrics import InstanceCollector, StageClock, StageTimings
 from gateway.registry import Instance, Registry
@@ -60,13 +61,16 @@ class Cluster:
         heartbeat_interval: float = 0.5,
         heartbeat_timeout: float = 3.0,
         prefill_deadline_s: float = 30.0,
+        keys: StackKeys | None = None,
     ) -> None:
+        """`keys`: the stack's CurveZMQ keys; only processes holding them can reach this gateway."""
         self.model_name = model_name
         self._max_model_len = max_model_len  # from the checkpoint's config or the command line
         self.registry = Registry(model_name, heartbeat_timeout)
         self.heartbeat_interval = heartbeat_interval
         self.prefill_deadline_s = prefill_deadline_s
         self._control_address = control_address
+        self.keys = keys
         self._flights: dict[str, _Flight] = {}
         self._tasks: list[asyncio.Task] = []
         self.ctx: zmq.asyncio.Context | None = None
@@ -84,7 +88,7 @@ class Cluster:
 
     async def start(self) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.mailbox = Mailbox(self.ctx, "gateway", self._control_address)
+        self.mailbox = Mailbox(self.ctx, "gateway", self._control_address, keys=self.keys)
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
 
     async def close(self) -> None:

@@ -35,6 +35,7 @@ class GatewayConfig:
     # English averages about 4 characters a token and code about 3; 16 leaves room for long runs of
     # whitespace or symbols, and bounds the text of a 32768-token context to 524288 characters.
     max_prompt_chars_per_token: int = 16
+    api_key: str | None = None  # clients send `Authorization: Bearer <api_key>` on /v1 routes; None: open
     # connection limits (enforced by gateway.connection_limits and the body read in gateway.app)
     header_timeout_s: float = 10.0  # a connection's first request head; a later one from its first byte
     body_timeout_s: float = 30.0  # a request's body, from its complete head; 408 after

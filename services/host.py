@@ -31,6 +31,7 @@ from common.protocol import (
     RegisterAck,
     RequestError,
 )  # fmt: skip
+from common.stack_keys import StackKeys
 from services.service_io import ServiceIO
 
 log = get_logger("epd.host")
@@ -60,6 +61,7 @@ class HostConfig:
     encode_cache_bytes: int = 512 * 2**20
     max_encode_batch: int = 16
     threads: int | None = None
+    keys: StackKeys | None = None  # the stack's CurveZMQ keys (common/stack_keys.py); None: insecure
 
     def __post_init__(self) -> None:
         roles = self.roles.upper()
@@ -79,8 +81,9 @@ class Host:
         self.config = config
         self.stopping = False
         self.io = ServiceIO(
-            config.instance_id, config.gateway_address, f"tcp://{config.bind_host}:*", config.advertise_host
-        )
+            config.instance_id, config.gateway_address, f"tcp://{config.bind_host}:*", config.advertise_host,
+            keys=config.keys,
+        )  # fmt: skip
         self.encode = self.prefill = self.decode = None
         self.engine = None
         self.handlers: dict = {}
@@ -104,7 +107,9 @@ class Host:
         fam = model.family
         backend = resolve_backend(c.dataplane, same_host=True, device=c.device)
         where = {"device": c.device} if backend == "torchdist" else {}  # its library follows the device
-        self.dataplane = create_dataplane(backend, host=c.bind_host, advertise_host=c.advertise_host, **where)
+        self.dataplane = create_dataplane(
+            backend, host=c.bind_host, advertise_host=c.advertise_host, keys=c.keys, **where
+        )
         roles = c.roles
         if "P" in roles or "D" in roles:
             ecfg = EngineConfig(

@@ -19,15 +19,22 @@ import zmq.asyncio
 
 from common.mailbox import Mailbox
 from common.protocol import Heartbeat, Load, Msg
+from common.stack_keys import StackKeys
 
 _WAKE: Any = ("wake", [])
 
 
 class ServiceIO:
     def __init__(
-        self, name: str, gateway_address: str, bind: str = "tcp://127.0.0.1:*", advertise_host: str = ""
+        self,
+        name: str,
+        gateway_address: str,
+        bind: str = "tcp://127.0.0.1:*",
+        advertise_host: str = "",
+        keys: StackKeys | None = None,
     ) -> None:
         self.name = name
+        self.keys = keys
         self.gateway_address = gateway_address
         self._bind = bind
         self._advertise_host = advertise_host
@@ -89,7 +96,7 @@ class ServiceIO:
         ctx = zmq.asyncio.Context()
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._mailbox = Mailbox(ctx, self.name, self._bind, self._advertise_host)
+        self._mailbox = Mailbox(ctx, self.name, self._bind, self._advertise_host, keys=self.keys)
         self.address = self._mailbox.address
         self._ready.set()
         tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeat())]

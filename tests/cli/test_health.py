@@ -47,11 +47,13 @@ def test_health_follows_registration_and_the_flags_reach_the_engine(tiny_qwen2_v
     port, control = free_port(), free_port()
     root = f"http://127.0.0.1:{port}"
     host = socket.gethostname()
+    keys = str(tmp_path / "keys")
+    assert subprocess.run(epd("keys", keys), capture_output=True, timeout=60).returncode == 0
     common = ["--roles", "EPD", "--gateway", f"tcp://127.0.0.1:{control}", "--model", str(tiny_qwen2_vl),
-              "--threads", "1"]  # fmt: skip
+              "--threads", "1", "--keys", keys]  # fmt: skip
     commands = {
         "gateway": epd("gateway", "--model", str(tiny_qwen2_vl), "--port", str(port),
-                       "--control-port", str(control)),
+                       "--control-port", str(control), "--keys", keys),
         "small": epd("serve", *common, "--instance-id", "small-{hostname}", "--kv-cache-memory", "16",
                      "--gpu-memory-utilization", "0.5", "--attention-backend", "sdpa", "--enforce-eager",
                      "--device", "auto"),

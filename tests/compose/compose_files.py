@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from common.stack_keys import StackKeys
 from tests.e2e.stack import free_port
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
@@ -157,9 +159,15 @@ def local_processes(
     env = {**os.environ, "EPD_MODEL": model_dir.name, "EPD_PORT": str(port), "EPD_DEVICE": "cpu",
            "EPD_LOG_JSON": "1", **settings}  # fmt: skip
 
+    keys = tempfile.mkdtemp(prefix="epd-keys-")  # what the make-keys service writes into ./keys
+    StackKeys.generate().write(keys)
+
     def local(args: list[str], hostname: str) -> list[str]:
         out = []
         for a in args:
+            if a == "/keys":
+                out.append(keys)
+                continue
             a = (
                 interpolate(a, env)
                 .replace("/models/", f"{model_dir.parent}/")

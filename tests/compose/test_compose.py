@@ -56,6 +56,19 @@ def test_stage_settings_come_from_the_environment_and_parse(name):
             assert args.device == "auto", "a GPU container (the override) runs on cuda, others on cpu"
 
 
+@pytest.mark.parametrize("name", STACKS)
+def test_every_process_holds_the_stack_keys_made_by_a_setup_service(name):
+    doc = load(COMPOSE / name)
+    make_keys = doc["services"]["make-keys"]
+    assert make_keys["profiles"] == ["setup"] and make_keys["command"] == ["keys", "/keys"]
+    members = {"gateway": doc["services"]["gateway"], **stage_services(doc)}
+    parser = build_parser()
+    for svc_name, svc in members.items():
+        args = parser.parse_args([interpolate(a, {}) for a in svc["command"]])
+        assert args.keys == "/keys" and not args.insecure, f"{svc_name} must run with the stack's keys"
+        assert "${EPD_KEYS_DIR:-./keys}:/keys:ro" in svc["volumes"], f"{svc_name} must mount the keys read-only"
+
+
 @pytest.mark.parametrize(("override", "stack"), [(o, s) for o, stacks in OVERRIDES.items() for s in stacks])
 def test_gpu_override_reserves_a_device_for_each_stage(override, stack):
     gpu, base = load(COMPOSE / override), load(COMPOSE / stack)
