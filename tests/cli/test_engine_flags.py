@@ -3,6 +3,7 @@ starts, and the `serve` command each stage process of `up` gets."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 from cli.main import build_parser
 from cli.stack import Stack, StackConfig
+from common.stack_keys import StackKeys
 from common.topology import parse_topology
 
 
@@ -105,4 +107,6 @@ def test_up_on_cpu_keeps_the_environment_and_mib():
     parsed = [serve_args(stack, i) for i in range(2)]
     assert [(a.device, a.kv_cache_memory, a.gpu_memory_utilization) for a in parsed] == [("cpu", 16, 0.9)] * 2
     assert [a.attention_backend for a in parsed] == ["auto", "auto"] and not parsed[0].enforce_eager
-    assert stack.envs == [None, None], "on cpu no visible-devices variable is set"
+    for env in stack.envs:  # this environment, plus the stack's keys; on cpu no visible-devices variable
+        assert env is not None and "CUDA_VISIBLE_DEVICES" not in {**env}.keys() - os.environ.keys()
+        assert StackKeys.from_environment(env) == stack.config.keys
