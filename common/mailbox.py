@@ -36,11 +36,10 @@ class Mailbox:
         advertise_host: str = "",
         keys: StackKeys | None = None,
     ) -> None:
-        """Built inside a running event loop (the ZAP handler of a keyed mailbox runs on it)."""
         self.ctx = ctx
         self.name = name
         self.keys = keys
-        self._auth = guard(ctx, keys, asyncio=True)
+        self._auth = guard(ctx, keys)
         self.inbox = ctx.socket(zmq.ROUTER)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.setsockopt(zmq.RCVHWM, 0)
@@ -74,6 +73,17 @@ class Mailbox:
         """Queue `msg` for the process whose inbox is `address` (never blocks)."""
         if not msg.sender:
             msg.sender = self.name
+        self.outbox(address).send_multipart(encode_frames(msg, buffers), copy=False)
+
+    def reply(self, route: bytes, msg: Msg) -> None:
+        """Answer over the connection a message came on (`recv_from`'s route), opening no socket: how
+        a server answers processes it does not know. The peer reads it from its outbox (`outbox`)."""
+        if not msg.sender:
+            msg.sender = self.name
+        self.inbox.send_multipart([route, *encode_frames(msg, ())], copy=False)
+
+    def outbox(self, address: str) -> zmq.asyncio.Socket:
+        """The DEALER connected to `address` (made on first use): answers sent with `reply` land here."""
         sock = self._outboxes.get(address)
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
@@ -83,7 +93,18 @@ class Mailbox:
                 self.keys.connect(sock)
             sock.connect(address)
             self._outboxes[address] = sock
-        sock.send_multipart(encode_frames(msg, buffers), copy=False)
+        return sock
+
+    async def recv_reply(self, address: str) -> tuple[Msg, list[Any]]:
+        """The next well-formed answer `address` sent back over our outbox to it."""
+        sock = self.outbox(address)
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            try:
+                return decode_frames(frames)
+            except ProtocolError as exc:
+                self.dropped += 1
+                log.warning("dropped a malformed reply on %s: %s", self.name, exc)
 
     def forget(self, address: str) -> None:
         """Close the outbox to a peer that is gone."""

@@ -120,40 +120,43 @@ class StackKeys:
 class _Guard:
     """The one ZAP handler of a context (ZeroMQ allows one), shared by the sockets that need it."""
 
-    def __init__(self, auth: Any, keys: StackKeys) -> None:
-        self.auth, self.keys, self.users = auth, keys, 0
+    def __init__(self, key: int, auth: Any, keys: StackKeys) -> None:
+        self.key, self.auth, self.keys, self.users = key, auth, keys, 0
 
     def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
-            _guards.pop(id(self.auth.context), None)
-            self.auth.stop()
+        with _guards_lock:
+            self.users -= 1
+            if self.users:
+                return
+            _guards.pop(self.key, None)
+        self.auth.stop()
 
 
-_guards: dict[int, _Guard] = {}
+_guards: dict[int, _Guard] = {}  # the context's libzmq address -> its handler
 _guards_lock = threading.Lock()
 
 
-def guard(context: zmq.Context, keys: StackKeys | None, *, asyncio: bool = False) -> _Guard | None:
+def guard(context: zmq.Context, keys: StackKeys | None) -> _Guard | None:
     """Make sure `context` has the ZAP handler that checks every CURVE client of its server sockets;
     returns a handle to `release()` before the context is terminated (None when running without
-    keys). Several sockets of one context share one handler, which must check one stack's keys."""
+    keys). Several sockets of one context share one handler, which must check one stack's keys.
+
+    The handler runs on its own thread over a plain view of the context, for asyncio contexts too:
+    pyzmq's asyncio authenticator stopped answering handshakes on a server bound again after a
+    restart in the same process (a gateway restarted in-process, tests), the thread one does not.
+    """
     if keys is None:
         return None
+    from zmq.auth.thread import ThreadAuthenticator
+
+    key = context.underlying
     with _guards_lock:
-        held = _guards.get(id(context))
+        held = _guards.get(key)
         if held is None:
-            if asyncio:
-                from zmq.auth.asyncio import AsyncioAuthenticator
-
-                auth: Any = AsyncioAuthenticator(context)
-            else:
-                from zmq.auth.thread import ThreadAuthenticator
-
-                auth = ThreadAuthenticator(context)
+            auth = ThreadAuthenticator(zmq.Context.shadow(key))
             auth.start()
             auth.configure_curve_callback(domain="*", credentials_provider=keys)
-            held = _guards[id(context)] = _Guard(auth, keys)
+            held = _guards[key] = _Guard(key, auth, keys)
         elif held.keys != keys:
             raise KeysError("one ZeroMQ context cannot serve two stacks' keys")
         held.users += 1

@@ -245,29 +245,23 @@ class Cluster:
     async def _receive(self) -> None:
         assert self.mailbox is not None
         while True:
-            msg, _ = await self.mailbox.recv()
+            route, msg, _ = await self.mailbox.recv_from()
             try:
-                self._handle(msg)
+                self._handle(msg, route)
             except Exception:  # one bad message never takes the gateway down
                 log.exception("handling %s failed", type(msg).__name__)
 
-    def _handle(self, msg) -> None:
+    def _handle(self, msg, route: bytes = b"") -> None:
         assert self.mailbox is not None
         if isinstance(msg, Heartbeat):
-            if not self.registry.heartbeat(msg.sender, msg.load) and msg.address:
-                # unknown (the gateway restarted, or dropped it after missed heartbeats): rejoin
+            if not self.registry.heartbeat(msg.sender, msg.load, route):
+                # unknown (the gateway restarted, or dropped it after missed heartbeats): rejoin. The
+                # answer goes back over the heartbeat's own connection: no socket for an unknown id
                 again = RegisterAck(accepted=False, retry=True, reason="unknown instance, register again")
-                self.mailbox.send(msg.address, again)
+                self.mailbox.reply(route, again)
             return
         if isinstance(msg, Register):
-            reason, replaced = self.registry.admit(msg.info)
-            if replaced is not None:
-                self._fail_instance(replaced, "was restarted")
-            ack = RegisterAck(
-                accepted=reason is None, reason=reason or "", heartbeat_interval=self.heartbeat_interval
-            )
-            self.mailbox.send(msg.info.address, ack)
-            log.info("instance %s (%s) %s", msg.info.instance_id, msg.info.roles, reason or "registered")
+            self._register(msg.info, route)
             return
         flight = self._flights.get(getattr(msg, "request_id", ""))
         if isinstance(msg, FirstToken):
@@ -287,6 +281,27 @@ class Cluster:
         elif isinstance(msg, RequestError) and flight is not None:
             self._send_abort(msg.request_id, flight)
             flight.queue.put_nowait(BackendError(msg.status, msg.message))
+
+    def _register(self, info, route: bytes) -> None:
+        """Admit an instance; refusals are answered over the REGISTER's own connection (no socket is
+        opened for a process that is not admitted), the ack of an admitted one at its inbox."""
+        assert self.mailbox is not None
+        if self.registry.held_elsewhere(info.instance_id, route):
+            busy = f"instance id {info.instance_id!r} is held by a live instance; retry once it stops"
+            self.mailbox.reply(route, RegisterAck(accepted=False, retry=True, reason=busy))
+            log.warning("refused a REGISTER for live instance %s from another connection", info.instance_id)
+            return
+        reason, replaced = self.registry.admit(info, route)
+        if replaced is not None:
+            self._fail_instance(replaced, "was restarted")
+        ack = RegisterAck(
+            accepted=reason is None, reason=reason or "", heartbeat_interval=self.heartbeat_interval
+        )
+        if reason is None:
+            self.mailbox.send(info.address, ack)
+        else:
+            self.mailbox.reply(route, ack)
+        log.info("instance %s (%s) %s", info.instance_id, info.roles, reason or "registered")
 
     async def _watch(self) -> None:
         """Drop instances whose heartbeats stopped, and fail what they held."""

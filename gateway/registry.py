@@ -3,6 +3,11 @@
 Instances register themselves (REGISTER) and then send heartbeats; one that misses heartbeats for
 `timeout_s` is dropped, and the requests it held are failed by the cluster. Nothing is configured by
 hand: scaling a stage up is starting another process that registers.
+
+An instance id belongs to the connection that registered it (its ZeroMQ routing id at the gateway's
+inbox) for as long as it heartbeats: a REGISTER or heartbeat for that id from another connection is
+refused, so no process can take over, refresh or silence an instance that is alive. A process that
+restarts under its old id registers once the old registration has expired (within `timeout_s`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ class Instance:
     last_seen: float
     load: Load = field(default_factory=Load)
     inflight: set[str] = field(default_factory=set)  # request ids this instance holds
+    route: bytes = b""  # the connection that registered it (b"": not bound, in-process tests)
 
     @property
     def id(self) -> str:
@@ -41,7 +47,17 @@ class Registry:
         self._encoded_at: OrderedDict[str, str] = OrderedDict()  # content hash -> encode instance id
         self._affinity_size = affinity_size
 
-    def admit(self, info: InstanceInfo) -> tuple[str | None, Instance | None]:
+    def held_elsewhere(self, instance_id: str, route: bytes) -> bool:
+        """Whether a live instance of that id registered over another connection."""
+        inst = self.instances.get(instance_id)
+        return (
+            inst is not None
+            and inst.route != route
+            and bool(inst.route)
+            and time.monotonic() - inst.last_seen <= self.timeout_s
+        )
+
+    def admit(self, info: InstanceInfo, route: bytes = b"") -> tuple[str | None, Instance | None]:
         """Add (or refresh) an instance. Returns why it is refused (or None) and the instance it
         replaces: a new process under a known id (a restart faster than the heartbeat timeout) means
         the old process is gone, and so is everything it held."""
@@ -50,7 +66,7 @@ class Registry:
         if info.model != self.model_name:
             return f"serves model {info.model!r}, the gateway serves {self.model_name!r}", None
         old = self.instances.get(info.instance_id)
-        inst = Instance(info, time.monotonic())
+        inst = Instance(info, time.monotonic(), route=route)
         replaced = None
         if old is not None:
             if (old.info.address, old.info.pid) == (info.address, info.pid):
@@ -60,9 +76,10 @@ class Registry:
         self.instances[info.instance_id] = inst
         return None, replaced
 
-    def heartbeat(self, instance_id: str, load: Load) -> bool:
+    def heartbeat(self, instance_id: str, load: Load, route: bytes = b"") -> bool:
+        """Refresh a live instance; False when the id is unknown or bound to another connection."""
         inst = self.instances.get(instance_id)
-        if inst is None:
+        if inst is None or (inst.route and route and inst.route != route):
             return False
         inst.last_seen = time.monotonic()
         inst.load = load

@@ -32,7 +32,7 @@ from common.protocol import (
     RequestError,
 )  # fmt: skip
 from common.stack_keys import StackKeys
-from services.service_io import ServiceIO
+from services.service_io import ServiceIO, bounded_interval
 
 log = get_logger("epd.host")
 
@@ -211,7 +211,7 @@ class Host:
                         break
                     if not msg.accepted:
                         raise SystemExit(f"the gateway refused this instance: {msg.reason}")
-                    self.io.heartbeat_interval = msg.heartbeat_interval
+                    self.io.heartbeat_interval = bounded_interval(msg.heartbeat_interval)
                     log.info("registered", instance=self.config.instance_id, roles=self.config.roles,
                              address=self.io.address)  # fmt: skip
                     return
@@ -284,8 +284,8 @@ class Host:
             log.warning("gateway asked to register again", reason=msg.reason)
             self.io.heartbeat_interval = 0
             self.io.to_gateway(Register(info=self.info()))
-        else:
-            self.io.heartbeat_interval = msg.heartbeat_interval
+        elif msg.accepted:
+            self.io.heartbeat_interval = bounded_interval(msg.heartbeat_interval)
 
     def _abort(self, request_id: str) -> None:
         for w in (self.encode, self.prefill, self.decode):

@@ -3,7 +3,8 @@
 The compute loop (a forward pass can take a second on a big model) never touches a socket: incoming
 messages land in a thread-safe queue it drains between steps, and `send()` hands outgoing messages to
 this thread's event loop. Heartbeats go out on this thread's own timer, so a long forward pass never
-makes the gateway think the process died.
+makes the gateway think the process died. Answers the gateway sends back over this process's own
+connection to it (how it answers a process it does not know yet) are read here too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from common.protocol import Heartbeat, Load, Msg
 from common.stack_keys import StackKeys
 
 _WAKE: Any = ("wake", [])
+# Heartbeat intervals this process accepts from a RegisterAck: a forged or mistaken 0 (never) or an
+# hour (dropped as dead) would take the instance out of the stack.
+HEARTBEAT_BOUNDS_S = (0.05, 5.0)
+
+
+def bounded_interval(seconds: float) -> float:
+    low, high = HEARTBEAT_BOUNDS_S
+    return min(max(float(seconds), low), high) if seconds == seconds else high  # NaN: the slowest
 
 
 class ServiceIO:
@@ -99,7 +108,11 @@ class ServiceIO:
         self._mailbox = Mailbox(ctx, self.name, self._bind, self._advertise_host, keys=self.keys)
         self.address = self._mailbox.address
         self._ready.set()
-        tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeat())]
+        tasks = [
+            asyncio.create_task(self._receive()),
+            asyncio.create_task(self._replies()),
+            asyncio.create_task(self._heartbeat()),
+        ]
         await self._stopped.wait()
         for t in tasks:
             t.cancel()
@@ -111,6 +124,11 @@ class ServiceIO:
         assert self._mailbox is not None
         while True:
             self.inbox.put(await self._mailbox.recv())
+
+    async def _replies(self) -> None:
+        assert self._mailbox is not None
+        while True:
+            self.inbox.put(await self._mailbox.recv_reply(self.gateway_address))
 
     async def _heartbeat(self) -> None:
         while True:
