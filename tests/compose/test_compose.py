@@ -66,7 +66,9 @@ def test_every_process_holds_the_stack_keys_made_by_a_setup_service(name):
     for svc_name, svc in members.items():
         args = parser.parse_args([interpolate(a, {}) for a in svc["command"]])
         assert args.keys == "/keys" and not args.insecure, f"{svc_name} must run with the stack's keys"
-        assert "${EPD_KEYS_DIR:-./keys}:/keys:ro" in svc["volumes"], f"{svc_name} must mount the keys read-only"
+        assert "${EPD_KEYS_DIR:-./keys}:/keys:ro" in svc["volumes"], (
+            f"{svc_name} must mount the keys read-only"
+        )
 
 
 @pytest.mark.parametrize(("override", "stack"), [(o, s) for o, stacks in OVERRIDES.items() for s in stacks])

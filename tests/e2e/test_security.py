@@ -55,7 +55,9 @@ def test_only_holders_of_the_stack_keys_join_a_live_stack(tiny_qwen2_vl, tmp_pat
         tiny_qwen2_vl, "E1 P1 D1", tmp_path, "--keys", str(keys_dir), "--api-key", API_KEY, timeout=180
     ) as stack:
         for impostor in (None, StackKeys.generate()):  # no keys; another stack's keys
-            heard = asyncio.run(_register_as_decode(stack.control, model, impostor, ["d-impostor", "d2"], 2.0))
+            heard = asyncio.run(
+                _register_as_decode(stack.control, model, impostor, ["d-impostor", "d2"], 2.0)
+            )
             assert heard == [], f"the gateway answered a process without the stack's keys: {heard}"
 
         client = openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=120)

@@ -127,7 +127,9 @@ def test_instances_rejoin_a_restarted_gateway(tiny_qwen2_vl):
         try:
             await stack.start(http=False)
             await stack.cluster.close()  # the gateway goes away...
-            stack.cluster = Cluster(stack.cluster.model_name, 4096, f"tcp://127.0.0.1:{port}", keys=config.keys)
+            stack.cluster = Cluster(
+                stack.cluster.model_name, 4096, f"tcp://127.0.0.1:{port}", keys=config.keys
+            )
             await stack.cluster.start()  # ...and comes back knowing nobody
             assert await stack.cluster.wait_for({"E": 1, "P": 1, "D": 1}, 20), "instances did not rejoin"
             return await collect(stack.cluster, req)

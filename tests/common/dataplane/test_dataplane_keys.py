@@ -21,7 +21,9 @@ def _transfer(backend: str, consumer_keys, producer_keys, wait: float):
     ):
         buf = consumer.allocate("b", SIZE)
         arrival = consumer.expect("t", [Region("b", 0, SIZE)])
-        sent = producer.write(consumer.descriptor(), "t", [(np.full(SIZE, 7, np.uint8), Region("b", 0, SIZE))])
+        sent = producer.write(
+            consumer.descriptor(), "t", [(np.full(SIZE, 7, np.uint8), Region("b", 0, SIZE))]
+        )
         state = arrival.wait(wait)
         landed = bytes(buf[:16])
         sent.abort()
@@ -42,7 +44,9 @@ def test_members_transfer_over_curve(backend):
 def test_a_producer_without_the_stack_key_never_completes_a_transfer(backend, producer):
     keys = StackKeys.generate()
     start = time.monotonic()
-    state, landed = _transfer(backend, keys, None if producer == "no keys" else StackKeys.generate(), wait=1.5)
+    state, landed = _transfer(
+        backend, keys, None if producer == "no keys" else StackKeys.generate(), wait=1.5
+    )
     assert state is not TransferState.SUCCESS, f"a producer with {producer} completed a transfer"
     if backend == "tcp":  # the bytes travel on the refused connection itself
         assert landed == bytes(16), "bytes from a producer without the key landed"
