@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import msgspec
 
+from common.logprobs import Logprobs
 from common.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = 1
@@ -170,6 +171,7 @@ class FirstToken(Msg):
     num_prompt_tokens: int
     finished: bool = False
     finish_reason: str | None = None
+    logprobs: Logprobs | None = None  # of token_id, when the request asked for logprobs
 
 
 class TokenUpdate(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True):
@@ -177,6 +179,7 @@ class TokenUpdate(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=T
     token_ids: list[int]
     finished: bool = False
     finish_reason: str | None = None
+    logprobs: Logprobs | None = None  # of token_ids, when the request asked for logprobs
 
 
 class Tokens(Msg):

@@ -13,7 +13,8 @@ Contract, as the HTTP layer uses it:
   decode instance, ...), and may raise it on any later `__anext__` when a stage fails mid-request
   (502/503, message for the client). The error's status goes to the client: as the HTTP status before
   any byte was sent, inside an SSE error event after.
-- Every event carries the new token ids (possibly none). The last one has `finished=True` and a
+- Every event carries the new token ids (possibly none) and, when the request's `params.logprobs` is
+  set, their logprobs (one entry per token id). The last one has `finished=True` and a
   `finish_reason`; the HTTP layer stops iterating there and calls `aclose()` on the iterator, so
   cleanup belongs in `finally`.
 - `abort(request_id)` is called, once, for every request whose iteration did not end with a
@@ -29,6 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from common.logprobs import Logprobs
 from common.sampling_params import SamplingParams
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -59,6 +61,7 @@ class TokenEvent:
     token_ids: list[int]  # new tokens since the previous event (EOS included if sampled; it is counted)
     finished: bool = False
     finish_reason: str | None = None  # with finished: "stop" (EOS / stop token) | "length" | "abort"
+    logprobs: Logprobs | None = None  # of token_ids, in order, when the request asked for logprobs
 
 
 class BackendError(Exception):

@@ -271,13 +271,14 @@ class Cluster:
             self.timings.first_token(flight.clock)
             if msg.finished and flight.holders:
                 self._send_abort(msg.request_id, flight)  # decode reserved blocks it will not need
-            flight.queue.put_nowait(TokenEvent([msg.token_id], msg.finished, msg.finish_reason))
+            event = TokenEvent([msg.token_id], msg.finished, msg.finish_reason, msg.logprobs)
+            flight.queue.put_nowait(event)
         elif isinstance(msg, Tokens):
             for u in msg.updates:
                 f = self._flights.get(u.request_id)
                 if f is not None:
                     self.timings.decode_tokens(f.clock)
-                    f.queue.put_nowait(TokenEvent(list(u.token_ids), u.finished, u.finish_reason))
+                    f.queue.put_nowait(TokenEvent(list(u.token_ids), u.finished, u.finish_reason, u.logprobs))
         elif isinstance(msg, RequestError) and flight is not None:
             self._send_abort(msg.request_id, flight)
             flight.queue.put_nowait(BackendError(msg.status, msg.message))

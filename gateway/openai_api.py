@@ -4,7 +4,8 @@ Bodies are decoded straight into msgspec Structs, so a wrong type anywhere is ca
 reported with the field's path (`messages[0].content`); unknown fields are ignored, as most
 OpenAI-compatible servers do, so clients that send extra options keep working; but the OpenAI options
 this server does not implement are refused when set (`gateway.request_limits`). What a type cannot
-express (roles, content parts, ranges, `n`) is checked here, each refusal naming the field at fault.
+express (roles, content parts, ranges, `n`) is checked here, each refusal naming the field at fault;
+the options that change the logits and logprobs in `gateway.sampling_options`.
 Before msgspec sees a body, its nesting depth is checked (the decoder recurses once per level).
 
 The checks that need the tokenized prompt (context length, placeholder expansion) and the images
@@ -30,6 +31,7 @@ from gateway.request_limits import (
     check_json_depth,
     check_supported,
 )
+from gateway.sampling_options import check_min_tokens, processor_fields
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "image_url")
@@ -58,6 +60,11 @@ class _SamplingFields(UnsupportedOptions, kw_only=True):
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension (vLLM)
+    min_tokens: int | None = None  # extension (vLLM)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
 
     @property
     def include_usage(self) -> bool:
@@ -67,10 +74,13 @@ class _SamplingFields(UnsupportedOptions, kw_only=True):
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are set
+    logprobs: bool | None = False
+    top_logprobs: int | None = None  # alternatives per token, with logprobs
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     prompt: Any  # a string, a list of one string, or a list of token ids
+    logprobs: bool | int | None = None  # alternatives per token (false: none, as null)
 
 
 @dataclass(slots=True)
@@ -230,6 +240,7 @@ def check_sampling_fields(
         "stop": stop,
         "stop_token_ids": _stop_token_ids(request.stop_token_ids or [], vocab_size),
         "ignore_eos": bool(request.ignore_eos),
+        **processor_fields(request, vocab_size, defaults, max_tokens),
     }
 
 
@@ -264,6 +275,7 @@ def sampling_params(
             param=name,
             code="context_length_exceeded",
         )
+    check_min_tokens(fields["min_tokens"], max_tokens)  # against the budget the request ends up with
     return SamplingParams(max_tokens=max_tokens, **fields)
 
 

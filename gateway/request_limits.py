@@ -9,8 +9,10 @@ work it bounds, and the OpenAI options this server refuses rather than silently 
   (GatewayConfig) characters per token of the context; only then is it tokenized and counted in tokens.
 - Numbers: every integer must fit where it goes (msgpack carries 64 bits, the engine's tensors int32);
   the ranges themselves live in `common.sampling_params`, the checks in `gateway.openai_api`.
-- Unsupported options (`UnsupportedOptions`): a client that asks for tools, logprobs or penalties and
-  gets plain text without them cannot tell; a non-neutral value is a 400 naming the parameter.
+- Unsupported options (`UnsupportedOptions`): a client that asks for tools, structured output or
+  several choices and gets plain text without them cannot tell; a non-neutral value is a 400 naming
+  the parameter. (Logprobs, penalties, `logit_bias` and `min_tokens` are implemented:
+  `gateway.sampling_options`.)
 """
 
 from __future__ import annotations
@@ -130,13 +132,6 @@ class UnsupportedOptions(msgspec.Struct, kw_only=True):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    repetition_penalty: Any = None  # extension (vLLM)
-    logit_bias: Any = None
-    min_tokens: Any = None  # extension (vLLM)
     best_of: Any = None
     echo: Any = None
     suffix: Any = None
@@ -158,13 +153,6 @@ NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tool_choice": (lambda v: v in ("none", "auto"), 'leave it out or send "none"'),
     "functions": (_empty(list), "leave it out or send []"),
     "function_call": (lambda v: v in ("none", "auto"), 'leave it out or send "none"'),
-    "logprobs": (lambda v: v is False, "leave it out or send false"),
-    "top_logprobs": (_number(0), "leave it out or send 0"),
-    "frequency_penalty": (_number(0), "leave it out or send 0"),
-    "presence_penalty": (_number(0), "leave it out or send 0"),
-    "repetition_penalty": (_number(1), "leave it out or send 1"),
-    "logit_bias": (_empty(dict), "leave it out or send {}"),
-    "min_tokens": (_number(0), "leave it out or send 0"),
     "best_of": (_number(1), "leave it out or send 1"),
     "echo": (lambda v: v is False, "leave it out or send false"),
     "suffix": (_empty(str), 'leave it out or send ""'),

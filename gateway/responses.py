@@ -1,7 +1,9 @@
 """OpenAI response objects for the two endpoints, whole and as stream chunks.
 
-Both endpoints stream the same events (text deltas, a finish reason, usage); only the JSON around
-them differs. A `ResponseFormat` knows one endpoint's shapes, so the streaming code is written once.
+Both endpoints stream the same events (text deltas with their tokens' logprobs, a finish reason,
+usage); only the JSON around them differs. A `ResponseFormat` knows one endpoint's shapes, so the
+streaming code is written once. Logprobs are None when the request did not ask for them, a list of
+`TokenLogprob`s (possibly empty) when it did (`gateway.logprobs_format`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from gateway.logprobs_format import TokenLogprob, chat_logprobs, completion_logprobs
+
+Entries = list[TokenLogprob] | None
 
 
 @dataclass(slots=True)
@@ -54,7 +60,7 @@ class ResponseFormat:
         """A chunk sent before any text (chat: the assistant role), or None."""
         return None
 
-    def delta_chunk(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def delta_chunk(self, text: str, finish_reason: str | None, logprobs: Entries = None) -> dict[str, Any]:
         raise NotImplementedError
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
@@ -63,7 +69,7 @@ class ResponseFormat:
         chunk["usage"] = usage.to_dict()
         return chunk
 
-    def full(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+    def full(self, text: str, finish_reason: str, usage: Usage, logprobs: Entries = None) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -76,16 +82,25 @@ class ChatFormat(ResponseFormat):
         delta = {"role": "assistant", "content": ""}
         return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
-    def delta_chunk(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def delta_chunk(self, text: str, finish_reason: str | None, logprobs: Entries = None) -> dict[str, Any]:
         delta = {"content": text} if text else {}
-        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": chat_logprobs(logprobs),
+            "finish_reason": finish_reason,
+        }
+        return self._chunk([choice])
 
-    def full(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+    def full(self, text: str, finish_reason: str, usage: Usage, logprobs: Entries = None) -> dict[str, Any]:
         message = {"role": "assistant", "content": text}
-        body = self._envelope(
-            "chat.completion",
-            [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-        )
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": chat_logprobs(logprobs),
+            "finish_reason": finish_reason,
+        }
+        body = self._envelope("chat.completion", [choice])
         body["usage"] = usage.to_dict()
         return body
 
@@ -95,12 +110,19 @@ class CompletionFormat(ResponseFormat):
 
     chunk_object = "text_completion"
 
-    def delta_chunk(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+    def delta_chunk(self, text: str, finish_reason: str | None, logprobs: Entries = None) -> dict[str, Any]:
+        return self._chunk([self._choice(text, finish_reason, logprobs)])
 
-    def full(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
-        body = self._envelope(
-            "text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
-        )
+    def full(self, text: str, finish_reason: str, usage: Usage, logprobs: Entries = None) -> dict[str, Any]:
+        body = self._envelope("text_completion", [self._choice(text, finish_reason, logprobs)])
         body["usage"] = usage.to_dict()
         return body
+
+    @staticmethod
+    def _choice(text: str, finish_reason: str | None, logprobs: Entries) -> dict[str, Any]:
+        return {
+            "index": 0,
+            "text": text,
+            "logprobs": completion_logprobs(logprobs),
+            "finish_reason": finish_reason,
+        }

@@ -1,9 +1,12 @@
 """One request's generation, from backend token events to an OpenAI response, whole or streamed (SSE).
 
 `Generation` turns the backend's token events into text deltas (incremental detokenization, stop
-strings), keeps the timings for TTFT/TPOT, enforces the request deadline, and on `release()` records
-its metrics and frees the request: an abort to the backend unless the backend said it finished. `respond` writes the deltas as a
-JSON body or as SSE chunks.
+strings, which as in vLLM cannot end the output before `min_tokens` tokens) with their tokens'
+logprobs, keeps the timings for TTFT/TPOT, enforces the request deadline, and on `release()` records
+its metrics and frees the request: an abort to the backend unless the backend said it finished.
+`respond` writes the deltas as a JSON body or as SSE chunks; a chunk carries the logprobs of the
+tokens whose text it releases (text held back, half a character or the start of a stop string, keeps
+its logprobs for the chunk that releases it), so the chunks' logprobs add up to the whole response's.
 
 Errors and the HTTP status: a stream's headers are only sent once the first event arrived, so a request
 the backend cannot place (503, say) still gets its real status and an error body. After that the
@@ -28,6 +31,7 @@ from aiohttp import web
 from common.detokenizer import IncrementalDetokenizer
 from gateway.backend import Backend, BackendError, GenerateRequest, TokenEvent
 from gateway.errors import error_body
+from gateway.logprobs_format import LogprobTexts, TokenLogprob
 from gateway.metrics import GatewayMetrics
 from gateway.responses import ResponseFormat, Usage
 
@@ -41,6 +45,7 @@ CLIENT_GONE = 499  # nginx's status for a client that closed the connection firs
 class Delta:
     text: str
     finish_reason: str | None = None  # set on the last delta only
+    logprobs: list[TokenLogprob] | None = None  # of this event's tokens; None: the request asked for none
 
 
 class ClientGone(Exception):
@@ -66,6 +71,7 @@ class Generation:
         self.deadline = deadline  # time.monotonic() value, or None
         self._background = background  # keeps release tasks referenced until they end
         self._detok = IncrementalDetokenizer(tokenizer, request.params.stop)
+        self._logprobs = None if request.params.logprobs is None else LogprobTexts(tokenizer)
         self._events: AsyncIterator[TokenEvent] | None = None
         self._backend_finished = False  # saw finished=True: nothing left to abort
         self.finish_reason: str | None = None
@@ -87,12 +93,29 @@ class Generation:
         if event.token_ids:
             self.last_token_at = time.monotonic()
             self.first_token_at = self.first_token_at or self.last_token_at
-        stopped = self._detok.push(event.token_ids)
+        before = len(self._detok.token_ids)
+        stopped = self._push(event.token_ids)
+        logprobs = None
+        if self._logprobs is not None:  # the tokens the detokenizer took (a stop string may end it early)
+            logprobs = self._logprobs.entries(self._detok.token_ids[before:], event.logprobs)
         self._backend_finished = event.finished
         if stopped or event.finished:
             self.finish_reason = "stop" if stopped else (event.finish_reason or "stop")
-            return Delta(self._detok.new_text(final=True), self.finish_reason)
-        return Delta(self._detok.new_text())
+            return Delta(self._detok.new_text(final=True), self.finish_reason, logprobs)
+        return Delta(self._detok.new_text(), logprobs=logprobs)
+
+    def _push(self, token_ids: list[int]) -> bool:
+        """Detokenize; the first `min_tokens` tokens' text is not searched for stop strings (vLLM)."""
+        detok = self._detok
+        early = self.request.params.min_tokens - len(detok.token_ids)
+        if early <= 0 or not detok.stop:
+            return detok.push(token_ids)
+        stop, detok.stop = detok.stop, []
+        try:
+            detok.push(token_ids[:early])
+        finally:
+            detok.stop = stop
+        return detok.push(token_ids[early:])
 
     async def _next_event(self) -> TokenEvent:
         if self._events is None:
@@ -199,17 +222,20 @@ async def _whole(
     request: web.Request, generation: Generation, fmt: ResponseFormat, delta: Delta, headers: dict[str, str]
 ) -> tuple[web.StreamResponse, int]:
     pieces = [delta.text]
+    logprobs = delta.logprobs
     try:
         while delta.finish_reason is None:
             if _client_gone(request):
                 raise ClientGone
             delta = await generation.next_delta()
             pieces.append(delta.text)
+            if logprobs is not None and delta.logprobs:
+                logprobs += delta.logprobs
     except BackendError as exc:
         return _error_response(exc, headers)
     except ClientGone:
         return web.Response(status=CLIENT_GONE), CLIENT_GONE
-    body = fmt.full("".join(pieces), delta.finish_reason, generation.usage)
+    body = fmt.full("".join(pieces), delta.finish_reason, generation.usage, logprobs)
     return web.json_response(body, headers=headers), 200
 
 
@@ -222,9 +248,13 @@ async def _stream(
         await response.prepare(request)
         if (chunk := fmt.first_chunk()) is not None:
             await _send(response, chunk)
+        pending = None  # logprobs of tokens whose text is held back, for the next chunk sent
         while True:
+            if delta.logprobs is not None:
+                pending = (pending or []) + delta.logprobs
             if delta.text or delta.finish_reason is not None:
-                await _send(response, fmt.delta_chunk(delta.text, delta.finish_reason))
+                await _send(response, fmt.delta_chunk(delta.text, delta.finish_reason, pending))
+                pending = None if pending is None else []
             if delta.finish_reason is not None:
                 if fmt.include_usage:
                     await _send(response, fmt.usage_chunk(generation.usage))

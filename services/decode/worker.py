@@ -104,7 +104,7 @@ class DecodeWorker:
         updates = [
             TokenUpdate(
                 request_id=o.request_id, token_ids=o.new_token_ids,
-                finished=o.finished, finish_reason=o.finish_reason,
+                finished=o.finished, finish_reason=o.finish_reason, logprobs=o.logprobs,
             )
             for o in self.engine.step()
         ]  # fmt: skip

@@ -19,6 +19,9 @@ class EngineConfig:
     watermark: float = 0.01  # share of blocks kept free when admitting new prompts
     attention_backend: str = "auto"  # auto, sdpa, flex (services/engine/attention/)
     enforce_eager: bool = False  # no CUDA graphs, no compiled attention kernels (debugging)
+    # host memory swapped-out KV may take, per engine (vLLM's `swap_space`); past it, preemption
+    # recomputes (0: never swap). A decode stage cannot recompute: it fails the request instead
+    swap_space_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -32,5 +35,7 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.swap_space_bytes < 0:
+            raise ValueError(f"swap_space_bytes must not be negative, got {self.swap_space_bytes}")
         if not 0 <= self.watermark < 1:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.logprobs import Logprobs
 from common.sampling_params import SamplingParams
 from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
@@ -31,6 +32,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     logits: torch.Tensor | None = None  # [vocab] of the new token, when the engine keeps logits
+    logprobs: Logprobs | None = None  # of the new token, when the request asked for them
 
 
 class Engine:
@@ -72,8 +74,11 @@ class Engine:
             max_model_len=self.max_model_len,
             eos_token_ids=eos_token_ids,
             watermark_blocks=int(usable * config.watermark),
+            num_swap_blocks=config.swap_space_bytes // (self.layout.token_bytes() * bs),
         )
-        self.runner = ModelRunner(family, self.kv, config, self.max_model_len, decodes=not prefill_only)
+        self.runner = ModelRunner(
+            family, self.kv, config, self.max_model_len, decodes=not prefill_only, eos_token_ids=eos_token_ids
+        )
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -126,16 +131,21 @@ class Engine:
         """One step; `layer_hook(layer, chunks)` is called as each layer's K/V of the prompts that
         complete in this step reach the pool (a prefill stage ships them from there)."""
         batch = self.scheduler.schedule()
+        # requests the scheduler had to give up (no swap space, nothing to recompute from) end here
+        failed = [RequestOutput(s.request_id, [], True, FinishReason.ERROR.value) for s in batch.failed]
         if not batch:
-            return []
+            return failed
         result = self.runner.execute(batch, keep_logits=self.keep_logits, layer_hook=layer_hook)
         updates = self.scheduler.postprocess(batch, result.tokens)
-        outputs, k = [], 0
+        outputs, k = failed, 0
         for u in updates:
             if u.new_token is None:
                 continue
             logits = result.logits[k] if result.logits is not None else None
+            logprobs = result.logprobs[k] if result.logprobs else None
             k += 1
             reason = u.seq.finish_reason.value if u.finished and u.seq.finish_reason else None
-            outputs.append(RequestOutput(u.seq.request_id, [u.new_token], u.finished, reason, logits))
+            outputs.append(
+                RequestOutput(u.seq.request_id, [u.new_token], u.finished, reason, logits, logprobs)
+            )
         return outputs

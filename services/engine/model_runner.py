@@ -10,18 +10,19 @@ Decode-only steps replay a CUDA graph when the engine has captured them (`decode
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 
+from common.logprobs import Logprobs
 from services.engine.attention import AttentionMetadata, StepLayout, create_backend
 from services.engine.config import EngineConfig
 from services.engine.decode_graphs import DecodeGraphs
 from services.engine.host_step import HostStep
 from services.engine.inputs import ModelInputs
 from services.engine.kv_cache import KVCache
-from services.engine.sampler import sample
+from services.engine.sampler import sample_batch
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 _NO_INPUTS = ModelInputs()
@@ -35,6 +36,7 @@ LayerHook = Callable[[int, list[ScheduledChunk]], None]
 class StepResult:
     tokens: list[int]  # one per chunk that samples, in chunk order
     logits: torch.Tensor | None  # [len(tokens), vocab] when asked for
+    logprobs: list[Logprobs | None] = field(default_factory=list)  # one per token when not empty
 
 
 class ModelRunner:
@@ -45,8 +47,10 @@ class ModelRunner:
         config: EngineConfig,
         max_model_len: int,
         decodes: bool = True,  # False for a prefill-only engine: no decode step to capture
+        eos_token_ids: Iterable[int] = (),  # what min_tokens holds back
     ) -> None:
         self.family = family
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.kv = kv
         self.device = kv.device
         self.block_size = kv.block_size
@@ -76,8 +80,8 @@ class ModelRunner:
             return StepResult([], None)
         rows = torch.tensor(host.sample_rows, device=self.device)
         logits = self.family.logits(hidden[rows])
-        tokens = sample(logits, [c.seq.params for c in sampling], [c.seq.num_output_tokens for c in sampling])
-        return StepResult(tokens, logits if keep_logits else None)
+        sampled = sample_batch(logits, [c.seq for c in sampling], self.eos_token_ids)
+        return StepResult(sampled.tokens, logits if keep_logits else None, sampled.logprobs)
 
     def _forward(
         self, chunks: list[ScheduledChunk], host: HostStep, layer_hook: LayerHook | None, finishing

@@ -9,13 +9,25 @@ A seeded row's noise is a pure function of (seed, index of the token in the outp
 counter-based hash (SplitMix64) computed with integer tensor ops, so the draw depends on nothing else:
 not on the batch, not on the process, not on the device, not on earlier calls. Unseeded rows draw from
 the process's generator.
+
+`sample_batch` is the whole step, as vLLM v1 orders it: the logit processors (`logits_processors.py`:
+logit_bias, min_tokens, penalties) on float32 logits, then the draw. Logprobs are taken from the raw
+logits the model produced, before any processor or temperature (vLLM's default `raw_logprobs`): what
+the model thinks of each token, whatever the request did to pick one (`docs/sampling.md`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
 import torch
 
+from common.logprobs import Logprobs
 from common.sampling_params import SAMPLING_EPS, SamplingParams
+from services.engine.logits_processors import process_logits
+from services.engine.sequence import Sequence
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over the seed space
@@ -74,10 +86,14 @@ def _drawn(p: SamplingParams) -> bool:
 def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]) -> list[int]:
     """One token per row of `logits` [B, V]; `output_indices[i]` is the index that token will have in
     its request's output (0 for the first token)."""
+    return _draw(logits, params, output_indices).tolist()
+
+
+def _draw(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]) -> torch.Tensor:
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if _drawn(p)]
     if not rows:
-        return tokens.tolist()
+        return tokens
     device = logits.device
     picked = [params[i] for i in rows]
     temperature = torch.tensor([p.temperature for p in picked], dtype=torch.float32, device=device)
@@ -96,4 +112,39 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: l
         at = torch.tensor(seeded, device=device)
         noise[at] = seeded_exponential(torch.tensor(keys, dtype=torch.int64, device=device), probs.shape[-1])
     tokens[rows] = (probs / noise).argmax(dim=-1)
-    return tokens.tolist()
+    return tokens
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    tokens: list[int]  # one per row
+    logprobs: list[Logprobs | None]  # one per row: None where the request asked for none
+
+
+def sample_batch(
+    logits: torch.Tensor, seqs: Seq[Sequence], eos_token_ids: Iterable[int] = ()
+) -> SamplerOutput:
+    """The next token of each sequence (row i of `logits` is `seqs[i]`'s), with its logprobs when the
+    request asked for them. `eos_token_ids` are what `min_tokens` holds back."""
+    params = [s.params for s in seqs]
+    processed = process_logits(logits, seqs, eos_token_ids)
+    tokens = _draw(processed, params, [s.num_output_tokens for s in seqs])
+    return SamplerOutput(tokens.tolist(), _logprobs(logits, tokens, params))
+
+
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> list[Logprobs | None]:
+    """Per row that asks: log_softmax of its raw logits at the drawn token and at its top-N."""
+    out: list[Logprobs | None] = [None] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return out
+    at = torch.tensor(rows, device=raw.device)
+    logprobs = raw[at].float().log_softmax(-1)
+    chosen = logprobs.gather(1, tokens[at, None]).squeeze(1).tolist()
+    k = min(max(params[i].logprobs or 0 for i in rows), logprobs.shape[-1])
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        n = params[i].logprobs or 0
+        out[i] = Logprobs([chosen[j]], [top_ids[j][:n]], [top_values[j][:n]])
+    return out

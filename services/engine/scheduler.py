@@ -2,13 +2,17 @@
 
 Each step the scheduler picks, under a budget of `max_num_batched_tokens` tokens and `max_num_seqs`
 sequences:
-  1. the running sequences, oldest first: one token each when decoding, the next prompt chunk when
-     still prefilling (chunked prefill). When the pool has no block for one of them, the newest running
-     sequence is swapped out (KV to host memory, blocks freed) until it fits: never a crash, and no
-     work is thrown away;
-  2. if nothing had to be swapped out this step: swapped sequences (oldest first), then sequences whose
-     KV arrived from a remote prefill (in order of arrival), then waiting sequences (oldest first),
-     each queue while the budget, the sequence cap and the free blocks allow.
+  1. the running sequences, oldest arrival first (`running` is kept in arrival order): one token each
+     when decoding, the next prompt chunk when still prefilling (chunked prefill). When the pool has
+     no block for one of them, the running sequence that arrived last is preempted until it fits:
+     swapped out to host memory while the swap space has room, recomputed later when it has not,
+     failed with `FinishReason.ERROR` when it can be neither (`preemption.py`). Never a crash;
+  2. if nothing had to be preempted this step: swapped sequences (oldest first); then, only once no
+     sequence is left swapped out, sequences whose KV arrived from a remote prefill (in order of
+     arrival) and waiting ones (oldest first, recomputing ones at their place by arrival). Each queue
+     is admitted from its head while the budget, the sequence cap and the free blocks allow. A
+     swapped sequence that does not fit yet holds back all newer work: nothing takes the blocks it
+     is waiting for, so it is never starved by a stream of new prompts.
 Decodes come first in the step so the model runner can attend over them in one batched call.
 
 A decode engine also holds reservations: blocks set aside (`reserve`) for a prompt that a remote
@@ -24,58 +28,16 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from services.engine.block_manager import BlockManager
+from services.engine.preemption import KVSwapper, Preemption, choose
+from services.engine.scheduler_output import ScheduledChunk, SchedulerOutput, SequenceUpdate
 from services.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
 def _by_arrival(seq: Sequence) -> int:
     return seq.arrival
-
-
-class KVSwapper(Protocol):
-    def swap_out(self, seq: Sequence) -> None:
-        """Copy the KV of `seq`'s computed tokens to host memory (`seq.swapped_kv`)."""
-
-    def swap_in(self, seq: Sequence) -> None:
-        """Write `seq.swapped_kv` into the slots of `seq.block_table`, then drop the host copy."""
-
-
-@dataclass(slots=True)
-class ScheduledChunk:
-    seq: Sequence
-    start: int  # index of the first token computed in this step
-    num_tokens: int
-
-    @property
-    def is_decode(self) -> bool:
-        return self.start >= self.seq.num_prompt_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the sequence, so a next token is sampled."""
-        return self.start + self.num_tokens == self.seq.num_tokens
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
-
-    def __bool__(self) -> bool:
-        return bool(self.chunks)
-
-
-@dataclass(slots=True)
-class SequenceUpdate:
-    seq: Sequence
-    new_token: int | None  # None when the chunk was a prefill chunk that sampled nothing
-    finished: bool
 
 
 class Scheduler:
@@ -89,6 +51,7 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: Iterable[int],
         watermark_blocks: int = 0,
+        num_swap_blocks: int | None = None,  # host blocks swapped-out KV may take; None: no cap
     ) -> None:
         self.bm = block_manager
         self.swapper = swapper
@@ -97,13 +60,15 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.watermark_blocks = watermark_blocks
+        self.num_swap_blocks = num_swap_blocks
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # kept in arrival order: the last one is the next victim
         self.swapped: list[Sequence] = []  # kept oldest first
         self.reserved: dict[str, Sequence] = {}  # REMOTE, KV still arriving into their blocks
         self.arrived: deque[Sequence] = deque()  # REMOTE, KV in place, waiting to run
         self.requests: dict[str, Sequence] = {}
         self.num_swap_outs = 0
+        self.num_recomputes = 0
 
     # ---- admission -------------------------------------------------------------------------------
 
@@ -115,12 +80,14 @@ class Scheduler:
 
     def reserve(self, seq: Sequence) -> bool:
         """Set aside blocks for the prompt of `seq`, computed by a remote prefill whose data plane
-        writes the KV into `seq.block_table`. False, holding nothing, when the pool has no room now."""
+        writes the KV into `seq.block_table`. False, holding nothing, when the pool has no room now
+        or swapped-out sequences wait for the blocks it would take."""
         self._check_new(seq)
-        if not self._fits(seq, seq.num_prompt_tokens):
+        if self.swapped or not self._fits(seq, seq.num_prompt_tokens):
             return False
         self.bm.grow(seq, seq.num_prompt_tokens)
         seq.status = SequenceStatus.REMOTE
+        seq.recomputable = False  # its prompt's inputs (image features) stay with the prefill
         self.requests[seq.request_id] = seq
         self.reserved[seq.request_id] = seq
         return True
@@ -152,17 +119,18 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
-        swapped_out = False
+        out = SchedulerOutput()
+        chunks = out.chunks
+        preempted = False
 
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.bm.can_grow(seq, seq.num_computed_tokens + n):
-                victim = self.running[-1]
-                self._swap_out(victim)
-                swapped_out = True
+                victim = self.running[-1]  # the newest arrival, never one before `seq`
+                self._preempt(victim, out.failed)
+                preempted = True
                 if victim is seq:
                     break
             else:
@@ -170,12 +138,14 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        if not swapped_out:
-            for queue in (self.swapped, self.arrived, self.waiting):
-                budget = self._admit(queue, budget, chunks)
+        if not preempted:
+            budget = self._admit(self.swapped, budget, chunks)
+            if not self.swapped:  # swapped sequences first: newer work waits behind them
+                for queue in (self.arrived, self.waiting):
+                    budget = self._admit(queue, budget, chunks)
 
         chunks.sort(key=lambda c: not c.is_decode)  # decodes first, stable otherwise
-        return SchedulerOutput(chunks)
+        return out
 
     def postprocess(self, output: SchedulerOutput, sampled: list[int]) -> list[SequenceUpdate]:
         """Advance every scheduled sequence; `sampled` has one token per chunk that `samples`."""
@@ -271,18 +241,38 @@ class Scheduler:
                 self.bm.grow(seq, seq.num_computed_tokens)
                 self.swapper.swap_in(seq)
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            bisect.insort(self.running, seq, key=_by_arrival)
             chunks.append(self._take(seq, n))
             budget -= n
         return budget
 
-    def _swap_out(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.swapper.swap_out(seq)
-        self.bm.free(seq)
-        seq.status = SequenceStatus.SWAPPED
-        bisect.insort(self.swapped, seq, key=_by_arrival)
-        self.num_swap_outs += 1
+    @property
+    def num_swapped_blocks(self) -> int:
+        """Host blocks the swapped-out KV takes (what `num_swap_blocks` caps)."""
+        return sum(self.bm.blocks_for(s.num_computed_tokens) for s in self.swapped)
+
+    def _preempt(self, seq: Sequence, failed: list[Sequence]) -> None:
+        """Take the blocks of running `seq` back: swap, recompute or fail (`preemption.py`)."""
+        cap = self.num_swap_blocks
+        left = None if cap is None else cap - self.num_swapped_blocks
+        how = choose(seq, self.bm.blocks_for(seq.num_computed_tokens), left)
+        if how is Preemption.SWAP:
+            self.running.remove(seq)
+            self.swapper.swap_out(seq)
+            self.bm.free(seq)
+            seq.status = SequenceStatus.SWAPPED
+            bisect.insort(self.swapped, seq, key=_by_arrival)
+            self.num_swap_outs += 1
+        elif how is Preemption.RECOMPUTE:
+            self.running.remove(seq)
+            self.bm.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            bisect.insort(self.waiting, seq, key=_by_arrival)
+            self.num_recomputes += 1
+        else:
+            self.finish(seq, FinishReason.ERROR)
+            failed.append(seq)
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params

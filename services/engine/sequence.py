@@ -6,8 +6,9 @@ an opaque object the scheduler never looks into.
 
 Life of a sequence: WAITING (prompt not yet computed) -> RUNNING (prefill chunks, then one token per
 step) -> FINISHED. Under memory pressure a RUNNING sequence is SWAPPED out (its KV copied to host
-memory, its blocks freed) and later swapped back in. A prefill-only engine parks a sequence as
-PREFILLED after its first token, until its KV has been handed over.
+memory, its blocks freed) and later swapped back in; when the host swap space is full it goes back to
+WAITING instead, its KV dropped, to recompute its prompt and output (`preemption.py`). A prefill-only
+engine parks a sequence as PREFILLED after its first token, until its KV has been handed over.
 
 A decode engine meets the other end of that hand-off: a sequence whose prompt a remote prefill
 computed is REMOTE from the moment blocks are reserved for it. Its KV first arrives into those blocks
@@ -41,6 +42,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"
+    ERROR = "error"  # the engine could not keep it: preempted with no swap space and no way to recompute
 
 
 class Sequence:
@@ -66,6 +68,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.swapped_kv: Any = None  # host copy of the KV while SWAPPED
+        self.sampling_cache: Any = None  # the sampler's copy of the prompt ids on the device (penalties)
+        # False when the prompt's KV came from a remote prefill: nothing here to recompute it from
+        self.recomputable = True
         self.arrival = next(_arrival)
 
     @property

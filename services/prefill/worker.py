@@ -113,7 +113,7 @@ class PrefillWorker:
                 updates.append(
                     TokenUpdate(
                         request_id=rid, token_ids=out.new_token_ids,
-                        finished=out.finished, finish_reason=out.finish_reason,
+                        finished=out.finished, finish_reason=out.finish_reason, logprobs=out.logprobs,
                     )
                 )  # fmt: skip
             else:
@@ -131,7 +131,7 @@ class PrefillWorker:
     def _first_token(self, rid: str, req: _Admitted, out: Any) -> None:
         first = FirstToken(
             request_id=rid, token_id=out.new_token_ids[0], num_prompt_tokens=len(req.prompt),
-            finished=out.finished, finish_reason=out.finish_reason,
+            finished=out.finished, finish_reason=out.finish_reason, logprobs=out.logprobs,
         )  # fmt: skip
         self.io.to_gateway(first)
         if self.kv_sender is None:
