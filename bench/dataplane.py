@@ -46,11 +46,20 @@ def pattern(nbytes: int, seed: int) -> np.ndarray:
 # -- producer (the other process) ---------------------------------------------------------------------
 
 
+def _plane(spec: str, keys: Any = None) -> Any:
+    """A plane for a backend name, "+curve" meaning its ZeroMQ sockets run CURVE with `keys`."""
+    from common.dataplane import create_dataplane
+
+    backend, _, curve = spec.partition("+")
+    return create_dataplane(backend, keys=keys if curve == "curve" else None)
+
+
 def peer_main(backend: str) -> None:
     """Answer one JSON line per command: `source` makes the bytes, `write` sends them and times it."""
-    from common.dataplane import Region, create_dataplane
+    from common.dataplane import Region
+    from common.stack_keys import StackKeys
 
-    plane = create_dataplane(backend)
+    plane = _plane(backend, StackKeys.from_environment())
     source: np.ndarray | None = None
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -78,10 +87,15 @@ def peer_main(backend: str) -> None:
 class Peer:
     """The producer process; `send` then `read` one reply, each read with a deadline."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, keys: Any = None) -> None:
         self.backend = backend
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        if keys is not None:  # the producer holds the same stack keys
+            env |= {
+                "EPD_STACK_PUBLIC_KEY": keys.public.decode(),
+                "EPD_STACK_SECRET_KEY": keys.secret.decode(),
+            }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.dataplane", "--peer", backend],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT, env=env,
@@ -142,10 +156,12 @@ def backend_seconds(
     """Per size: the timed transfers (seconds) and whether the bytes arrived intact."""
     import numpy as np
 
-    from common.dataplane import Region, TransferState, create_dataplane
+    from common.dataplane import Region, TransferState
+    from common.stack_keys import StackKeys
 
-    plane = create_dataplane(backend)
-    peer = Peer(backend)
+    keys = StackKeys.generate() if backend.endswith("+curve") else None
+    plane = _plane(backend, keys)
+    peer = Peer(backend, keys)
     out: dict[int, dict[str, Any]] = {}
     try:
         peer.read(timeout)  # ready
@@ -199,7 +215,10 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--backends", default="shm,tcp,torchdist,mooncake,nixl", help="comma list (default %(default)s)"
+        "--backends",
+        default="shm,tcp,torchdist,mooncake,nixl",
+        help="comma list; NAME+curve runs that plane's ZeroMQ sockets with stack keys (CURVE), e.g. "
+        "tcp+curve (default %(default)s)",
     )
     parser.add_argument(
         "--sizes", default="1,16,256", help="transfer sizes in MiB, comma list (default 1,16,256)"

@@ -59,13 +59,21 @@ def test_bench_refuses_remote_targets_and_bad_lists():
 def test_bench_dataplane_reports_positive_throughput(tmp_path):
     out = tmp_path / "dataplane.json"
     run = epd(
-        "bench-dataplane", "--sizes", "1", "--backends", "shm,tcp", "--repeats", "1", "--output", str(out)
+        "bench-dataplane",
+        "--sizes",
+        "1",
+        "--backends",
+        "shm,tcp,tcp+curve",
+        "--repeats",
+        "1",
+        "--output",
+        str(out),
     )
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["failures"] == []
     rows = {r["backend"]: r for r in report["results"]}
-    assert set(rows) == {"memcpy", "shm", "tcp"}
+    assert set(rows) == {"memcpy", "shm", "tcp", "tcp+curve"}
     for row in rows.values():
         assert row["gbps"] > 0 and row["ratio_to_memcpy"] > 0 and row["verified"] and row["bytes"] == 1 << 20
     assert "shm" in run.stdout and "vs memcpy" in run.stdout
