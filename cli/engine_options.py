@@ -14,6 +14,7 @@ from cli.placement import devices_arg, role_devices_arg
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")  # services/engine/attention/registry.py BACKEND_NAMES
 CPU_KV_CACHE_MIB = 256  # what "auto" means on cpu
+SWAP_SPACE_GIB = 4.0  # per engine, vLLM's default swap_space
 
 
 def kv_cache_mib(text: str) -> int | None:
@@ -38,9 +39,23 @@ def memory_fraction(text: str) -> float:
     return value
 
 
+def swap_gib(text: str) -> float:
+    """GiB of host memory for swapped-out KV: a number >= 0 (0: never swap)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 2**20:  # NaN and inf fail this too
+        raise argparse.ArgumentTypeError(
+            f"bad --swap-space {text!r}: GiB of host memory, a number >= 0, e.g. 4"
+        )
+    return value
+
+
 def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, stack: bool) -> None:
-    """--kv-cache-memory, --gpu-memory-utilization, --attention-backend, --enforce-eager, --kv-staging; with
-    `stack` (up, bench) the memory share is per device and --devices/--devices-for come too."""
+    """--kv-cache-memory, --gpu-memory-utilization, --swap-space, --attention-backend, --enforce-eager,
+    --kv-staging; with `stack` (up, bench) the memory share is per device and --devices/--devices-for
+    come too."""
     each = "per process, " if stack else ""
     p.add_argument("--kv-cache-memory", type=kv_cache_mib, default=None, metavar="MiB",
                    help=f"KV pool {each}in MiB, or auto (default auto: what the device has left under "
@@ -52,6 +67,11 @@ def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *
         share = "share of the accelerator's memory this process may use for weights, activations and KV"
     p.add_argument("--gpu-memory-utilization", type=memory_fraction, default=0.9, metavar="F",
                    help=f"{share} (default 0.9; 0 < F <= 1)")  # fmt: skip
+    p.add_argument("--swap-space", type=swap_gib, default=SWAP_SPACE_GIB, metavar="GiB",
+                   help=f"host memory {'per process ' if stack else ''}for the KV of requests preempted "
+                        "when the KV pool runs out, swapped back in later instead of recomputed; past "
+                        "it a request is recomputed, or fails on a decode instance, which cannot "
+                        f"recompute (default {SWAP_SPACE_GIB:g}, as vLLM; 0: never swap)")  # fmt: skip
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels: auto (default: flex on CUDA, sdpa elsewhere), sdpa (SDPA "
                         "over gathered blocks, the reference), flex (FlexAttention over the block pool)")  # fmt: skip

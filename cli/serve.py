@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
             stage_kv={"auto": None, "on": True, "off": False}[args.kv_staging],
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len, threads=args.threads, keys=keys,
+            max_model_len=args.max_model_len, swap_space_bytes=int(args.swap_space * 2**30),
+            threads=args.threads, keys=keys,
         )  # fmt: skip
     except ValueError as exc:
         print(f"epd-serve serve: error: {exc}", file=sys.stderr)

@@ -46,6 +46,7 @@ class StackConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    swap_space: float = 4.0  # GiB of host memory for swapped-out KV per process; 0: never swap
     threads: int = 1
     cpus: list[str] = field(default_factory=list)  # per process, in topology order
     allowed_local_media_dirs: list[str] = field(default_factory=list)
@@ -118,6 +119,7 @@ class Stack:
             "--kv-cache-memory", "auto" if c.kv_cache_memory is None else str(c.kv_cache_memory),
             "--gpu-memory-utilization", f"{share:.6g}", "--attention-backend", c.attention_backend,
             "--max-num-seqs", str(c.max_num_seqs), "--max-num-batched-tokens", str(c.max_num_batched_tokens),
+            "--swap-space", f"{c.swap_space:g}",
             "--threads", str(c.threads), "--instance-id", f"{roles.lower()}{index}",
         ]  # fmt: skip
         if c.enforce_eager:

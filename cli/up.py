@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         kv_staging=args.kv_staging,
         devices=args.devices, devices_for=args.devices_for, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        threads=args.threads or max(1, cores // n), cpus=cpus,
+        swap_space=args.swap_space, threads=args.threads or max(1, cores // n), cpus=cpus,
         allowed_local_media_dirs=args.allowed_local_media_path, ready_timeout=args.ready_timeout,
         restart=not args.no_restart, keys=keys, insecure=keys is None, api_key=api_key(args),
     )  # fmt: skip

@@ -5,8 +5,9 @@ itself when it decodes too, else the least loaded decode instance) and, for requ
 encode instance (the prefill instance when it encodes too, else by cache affinity, then load). Then,
 all at once: KV_RESERVE to decode, ENCODE (with the image bytes as raw frames) to encode, PREFILL to
 prefill. Tokens come back as FIRST_TOKEN (prefill) and TOKENS (decode) and are fed to the request's
-queue. An instance that stops heartbeating fails the requests it holds at once; an abort reaches every
-instance holding the request.
+queue. An instance that stops heartbeating fails the requests it holds at once, and they are aborted
+at every other instance that may still work on them; an abort reaches every instance holding the
+request, and the prefill instance too after its first token (it may still be shipping the KV).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class _Flight:
     queue: asyncio.Queue
     holders: dict[str, str] = field(default_factory=dict)  # instance id -> stage letter(s)
     decode_id: str = ""
+    prefill_id: str = ""  # kept once prefill leaves `holders`: it may still be shipping the KV
     aborted: bool = False
     clock: StageClock = field(default_factory=StageClock)
 
@@ -171,7 +173,7 @@ class Cluster:
                 raise BackendError(503, "no live encode instance")
         rid = req.request_id
         clock = StageClock(split=decode is not prefill, with_images=bool(req.images))
-        flight = _Flight(asyncio.Queue(), decode_id=decode.id, clock=clock)
+        flight = _Flight(asyncio.Queue(), decode_id=decode.id, prefill_id=prefill.id, clock=clock)
         self._flights[rid] = flight
         assert self.mailbox is not None
         if decode is not prefill:
@@ -232,10 +234,12 @@ class Cluster:
         finally:
             self._land(rid)
 
-    def _send_abort(self, rid: str, flight: _Flight) -> None:
+    def _send_abort(self, rid: str, flight: _Flight, dead: str = "") -> None:
+        """Abort `rid` at every live instance that holds it or may still work on it, never at `dead`
+        (an instance declared dead: a process restarted under its id holds nothing of it)."""
         assert self.mailbox is not None
         flight.aborted = True
-        for iid in flight.holders:
+        for iid in {*flight.holders, flight.prefill_id} - {dead, ""}:
             inst = self.registry.instances.get(iid)
             if inst is not None:
                 self.mailbox.send(inst.address, Abort(request_id=rid))
@@ -321,7 +325,7 @@ class Cluster:
             if flight is None:
                 continue
             stage = flight.holders.pop(inst.id, "?")
-            self._send_abort(rid, flight)
+            self._send_abort(rid, flight, dead=inst.id)  # e.g. the prefill still computing for a dead decode
             message = f"the {_stage_name(stage)} instance {inst.id} serving this request {what}"
             flight.queue.put_nowait(BackendError(503, message))
         inst.inflight.clear()

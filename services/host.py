@@ -4,6 +4,13 @@ Co-location is a matter of which workers share this process: an encoder next to 
 features over in-process (no copy); prefill next to decode is one engine that simply keeps decoding
 (the KV never moves). The compute loop below drains the inbox, polls transfers and deadlines, then
 runs one encoder batch and one engine step, and goes round again; sockets live on the I/O thread.
+
+Nothing a message carries takes the process down: each worker checks what it receives before use and
+fails the request of a bad message; a handler, poll or step that raises anyway fails the requests
+it concerns (all of that worker's, when it cannot tell) and the loop goes on. When the gateway has
+forgotten this process (RegisterAck with retry: it restarted, or declared us dead after missed
+heartbeats and failed our requests), everything held here is aborted before registering again, so a
+process that was stalled does not keep decoding requests whose clients are gone.
 """
 
 from __future__ import annotations
@@ -12,8 +19,6 @@ import os
 import signal
 import socket
 import time
-import uuid
-from dataclasses import dataclass
 
 from common.log import get_logger
 from common.protocol import (
@@ -31,49 +36,11 @@ from common.protocol import (
     RegisterAck,
     RequestError,
 )  # fmt: skip
-from common.stack_keys import StackKeys
-from services.service_io import ServiceIO, bounded_interval
+from services.host_config import HostConfig
+from services.service_io import Inbound, ServiceIO, bounded_interval
+from services.wire_checks import Refusals
 
 log = get_logger("epd.host")
-
-
-@dataclass(slots=True)
-class HostConfig:
-    roles: str  # e.g. "E", "PD", "EPD"
-    model_dir: str
-    gateway_address: str
-    dataplane: str = "auto"
-    device: str = "cpu"
-    dtype: str | None = None
-    bind_host: str = "127.0.0.1"
-    advertise_host: str = ""  # how peers reach this process; default: bind_host, or the hostname for 0.0.0.0
-    instance_id: str = ""
-    kv_cache_memory: int | None = None  # bytes for the KV pool; None: sized from the device (memory.py)
-    gpu_memory_utilization: float = 0.9  # share of an accelerator's memory this process may use
-    attention_backend: str = "auto"  # auto, sdpa, flex (services/engine/attention/)
-    enforce_eager: bool = False  # no CUDA graphs, no compiled attention kernels (debugging)
-    # decode only: land KV in a host staging area and copy it into a private pool (what a device pool
-    # needs; None: on accelerators). On CPU False writes KV straight into a shared-memory pool.
-    stage_kv: bool | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    encode_cache_bytes: int = 512 * 2**20
-    max_encode_batch: int = 16
-    threads: int | None = None
-    keys: StackKeys | None = None  # the stack's CurveZMQ keys (common/stack_keys.py); None: insecure
-
-    def __post_init__(self) -> None:
-        roles = self.roles.upper()
-        if not roles or set(roles) - set("EPD") or len(set(roles)) != len(roles):
-            raise ValueError(f"roles must be some of E, P, D, each once; got {self.roles!r}")
-        if "D" in roles and "P" not in roles and "E" in roles:
-            raise ValueError("E and D without P in one process is not a useful co-location")
-        self.roles = "".join(r for r in "EPD" if r in roles)
-        if not self.advertise_host:
-            wildcard = self.bind_host in ("0.0.0.0", "::", "*")
-            self.advertise_host = socket.gethostname() if wildcard else self.bind_host
-        self.instance_id = self.instance_id or f"{self.roles.lower()}-{uuid.uuid4().hex[:8]}"
 
 
 class Host:
@@ -87,6 +54,7 @@ class Host:
         self.encode = self.prefill = self.decode = None
         self.engine = None
         self.handlers: dict = {}
+        self.refusals = Refusals(log)
 
     # ---- start-up ----------------------------------------------------------------------------------
 
@@ -116,7 +84,7 @@ class Host:
                 kv_cache_memory=c.kv_cache_memory, gpu_memory_utilization=c.gpu_memory_utilization,
                 max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
                 max_model_len=c.max_model_len, attention_backend=c.attention_backend,
-                enforce_eager=c.enforce_eager,
+                enforce_eager=c.enforce_eager, swap_space_bytes=c.swap_space_bytes,
             )  # fmt: skip
             kv_buffer = None
             decode_only = "D" in roles and "P" not in roles
@@ -205,7 +173,8 @@ class Host:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self.stopping:
             self.io.to_gateway(Register(info=self.info()))
-            for msg, _ in self.io.get(timeout=1.0):
+            for item in self.io.get(timeout=1.0):
+                msg = item.msg
                 if isinstance(msg, RegisterAck):
                     if msg.retry:
                         break
@@ -215,7 +184,7 @@ class Host:
                     log.info("registered", instance=self.config.instance_id, roles=self.config.roles,
                              address=self.io.address)  # fmt: skip
                     return
-                self._dispatch(msg, [])
+                self._dispatch(item)
         raise SystemExit(f"no answer from the gateway at {self.config.gateway_address}")
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -236,42 +205,61 @@ class Host:
         return load
 
     def run(self) -> None:
-        workers = [w for w in (self.encode, self.prefill, self.decode) if w is not None]
+        workers = self._workers()
         stepper = self.prefill or self.decode
         while not self.stopping:
             busy = any(w.has_work() for w in workers)
             # idle: sleep until a message or a finished transfer wakes us (deadlines are coarse)
-            for msg, frames in self.io.get(timeout=0 if busy else 0.05):
-                self._dispatch(msg, frames)
+            for item in self.io.get(timeout=0 if busy else 0.05):
+                self._dispatch(item)
             for w in workers:
-                w.poll()
+                self._guarded(w, w.poll)
             if self.encode is not None and self.encode.has_work():
-                self.encode.run_batch()
+                self._guarded(self.encode, self.encode.run_batch)
             if stepper is not None and stepper.has_work():
-                stepper.step()
+                self._guarded(stepper, stepper.step)
+
+    def _guarded(self, worker, call) -> None:
+        """Run one of a worker's loop duties. The workers fail the requests a bad message or a failed
+        step concerns themselves; an error that still gets here cannot be pinned on one request, so
+        every request of that worker fails (500) and the process goes on serving new ones."""
+        try:
+            call()
+        except Exception as exc:
+            log.exception("a worker failed; failing its requests", worker=type(worker).__name__)
+            self._abort_all([worker], f"internal error: {exc}")
 
     def _handlers(self) -> dict:
-        """Message type -> handler, for the roles this process hosts."""
-        h: dict = {Abort: lambda m, f: self._abort(m.request_id), RegisterAck: lambda m, f: self._on_ack(m)}
+        """Message type -> handler(msg, frames, peer), for the roles this process hosts."""
+        h: dict = {
+            Abort: lambda m, f, p: self._abort(m.request_id),
+            RegisterAck: lambda m, f, p: self._on_ack(m),
+        }
         if self.encode is not None:
-            h[Encode] = self.encode.on_encode
-            h[FeatureDest] = lambda m, f: self.encode.on_feature_dest(m)
+            h[Encode] = lambda m, f, p: self.encode.on_encode(m, f)
+            h[FeatureDest] = lambda m, f, p: self.encode.on_feature_dest(m)
         if self.prefill is not None:
-            h[FeatureOffer] = lambda m, f: self.prefill.features.on_offer(m)
-            h[Prefill] = lambda m, f: self.prefill.on_prefill(m)
-            h[KvDest] = lambda m, f: self.prefill.on_kv_dest(m)
+            h[FeatureOffer] = lambda m, f, p: self.prefill.on_feature_offer(m)
+            h[Prefill] = lambda m, f, p: self.prefill.on_prefill(m)
+            h[KvDest] = lambda m, f, p: self.prefill.on_kv_dest(m)
         if self.decode is not None:
-            h[KvReserve] = lambda m, f: self.decode.on_kv_reserve(m)
-            h[KvReady] = lambda m, f: self.decode.on_kv_ready(m)
+            h[KvReserve] = lambda m, f, p: self.decode.on_kv_reserve(m, peer=p)
+            h[KvReady] = lambda m, f, p: self.decode.on_kv_ready(m)
         return h
 
-    def _dispatch(self, msg, frames) -> None:
+    def _dispatch(self, item: Inbound) -> None:
+        msg = item.msg
+        if isinstance(msg, RegisterAck) and msg.retry and not item.from_gateway_reply:
+            # the gateway asks over our own connection to it; from anyone else this would be a way
+            # to make the process drop every request it holds
+            self.refusals.count(msg, "a request to register again that is not the gateway's answer")
+            return
         handler = self.handlers.get(type(msg))
         if handler is None:
-            log.warning("message for a role this process does not host", type=type(msg).__name__)
+            self.refusals.count(msg, "a message for a role this process does not host")
             return
         try:
-            handler(msg, frames)
+            handler(msg, item.frames, item.peer)
         except Exception as exc:  # a bad message fails its request, never the process
             log.exception("handling a message failed", type=type(msg).__name__)
             request_id = getattr(msg, "request_id", None)
@@ -280,17 +268,30 @@ class Host:
                 self.io.to_gateway(RequestError(request_id=request_id, message=f"internal error: {exc}"))
 
     def _on_ack(self, msg: RegisterAck) -> None:
-        if msg.retry:  # the gateway forgot us (restart, missed heartbeats): join again
-            log.warning("gateway asked to register again", reason=msg.reason)
+        if msg.retry:  # the gateway forgot us (restart, missed heartbeats): join again, empty-handed
+            aborted = self._abort_all(self._workers(), None)
+            log.warning("gateway asked to register again", reason=msg.reason, aborted=aborted)
             self.io.heartbeat_interval = 0
             self.io.to_gateway(Register(info=self.info()))
         elif msg.accepted:
             self.io.heartbeat_interval = bounded_interval(msg.heartbeat_interval)
 
     def _abort(self, request_id: str) -> None:
-        for w in (self.encode, self.prefill, self.decode):
-            if w is not None:
-                w.on_abort(request_id)
+        for w in self._workers():
+            w.on_abort(request_id)
+
+    def _workers(self) -> list:
+        return [w for w in (self.encode, self.prefill, self.decode) if w is not None]
+
+    def _abort_all(self, workers: list, error: str | None) -> int:
+        """Abort every request `workers` hold, in every role here (their blocks are freed); with
+        `error`, tell the gateway each one failed. Returns how many there were."""
+        request_ids = set().union(*(w.request_ids() for w in workers))
+        for rid in request_ids:
+            self._abort(rid)
+            if error is not None:
+                self.io.to_gateway(RequestError(request_id=rid, message=error, status=500))
+        return len(request_ids)
 
     def stop(self, *_) -> None:
         self.stopping = True
@@ -304,7 +305,7 @@ class Host:
 def serve(config: HostConfig) -> int:
     from common.log import configure_logging
 
-    configure_logging(config.instance_id)
+    configure_logging(config.instance_id, quiet_libraries=True)
     host = Host(config)
     signal.signal(signal.SIGTERM, host.stop)
     signal.signal(signal.SIGINT, host.stop)

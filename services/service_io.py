@@ -4,7 +4,10 @@ The compute loop (a forward pass can take a second on a big model) never touches
 messages land in a thread-safe queue it drains between steps, and `send()` hands outgoing messages to
 this thread's event loop. Heartbeats go out on this thread's own timer, so a long forward pass never
 makes the gateway think the process died. Answers the gateway sends back over this process's own
-connection to it (how it answers a process it does not know yet) are read here too.
+connection to it (how it answers a process it does not know yet) are read here too. Each message
+reaches the compute loop with the connection it came on (`Inbound.peer`), which its sender cannot
+forge: the decode role caps reservations per peer, and only the gateway's own answers may make this
+process drop its work and register again.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq.asyncio
 
@@ -22,10 +25,24 @@ from common.mailbox import Mailbox
 from common.protocol import Heartbeat, Load, Msg
 from common.stack_keys import StackKeys
 
-_WAKE: Any = ("wake", [])
+_WAKE: Any = object()
 # Heartbeat intervals this process accepts from a RegisterAck: a forged or mistaken 0 (never) or an
 # hour (dropped as dead) would take the instance out of the stack.
 HEARTBEAT_BOUNDS_S = (0.05, 5.0)
+
+
+class Inbound(NamedTuple):
+    """A message for the compute loop, with the connection it came on: `peer` is its routing id at
+    this process's inbox (one per connected process, unforgeable by the sender's fields), or b"" for
+    an answer the gateway sent back over this process's own connection to it."""
+
+    msg: Msg
+    frames: list[Any]
+    peer: bytes
+
+    @property
+    def from_gateway_reply(self) -> bool:
+        return not self.peer
 
 
 def bounded_interval(seconds: float) -> float:
@@ -47,7 +64,7 @@ class ServiceIO:
         self.gateway_address = gateway_address
         self._bind = bind
         self._advertise_host = advertise_host
-        self.inbox: queue.SimpleQueue[tuple[Msg, list[Any]]] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self.address = ""
         self.load: Callable[[], Load] = Load
         self.heartbeat_interval = 0.0  # 0: not registered yet, no heartbeats
@@ -75,7 +92,7 @@ class ServiceIO:
         """Thread-safe: end the compute loop's wait at once (a transfer finished, say)."""
         self.inbox.put(_WAKE)
 
-    def get(self, timeout: float) -> list[tuple[Msg, list[Any]]]:
+    def get(self, timeout: float) -> list[Inbound]:
         """Every message waiting, blocking up to `timeout` seconds for the first (or a wake)."""
         out = []
         try:
@@ -123,12 +140,14 @@ class ServiceIO:
     async def _receive(self) -> None:
         assert self._mailbox is not None
         while True:
-            self.inbox.put(await self._mailbox.recv())
+            route, msg, frames = await self._mailbox.recv_from()
+            self.inbox.put(Inbound(msg, frames, route))
 
     async def _replies(self) -> None:
         assert self._mailbox is not None
         while True:
-            self.inbox.put(await self._mailbox.recv_reply(self.gateway_address))
+            msg, frames = await self._mailbox.recv_reply(self.gateway_address)
+            self.inbox.put(Inbound(msg, frames, b""))
 
     async def _heartbeat(self) -> None:
         while True:

@@ -177,7 +177,7 @@ async def bench(args: argparse.Namespace, model_dir: str | None) -> dict[str, An
         gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, kv_staging=args.kv_staging, devices=args.devices,
         devices_for=list(args.devices_for),
-        max_num_seqs=args.max_num_seqs, ready_timeout=args.ready_timeout,
+        max_num_seqs=args.max_num_seqs, swap_space=args.swap_space, ready_timeout=args.ready_timeout,
     )  # fmt: skip
     targets: list[tuple[str, Callable[[], Any]]]
     if args.base_url:

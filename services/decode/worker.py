@@ -10,6 +10,19 @@ Every decode step sends the new tokens of all requests in one TOKENS message. Ab
 transfer or a deadline frees the blocks wherever the request is, fence first: while bytes of an
 aborted transfer may still land (the data plane's `abort_fence_s`: a producer finishing the chunk it
 had started), its blocks stay out of everyone's reach, and only then are they freed.
+
+What arrives is checked before use (validation.py), and refusals are counted in `refusals`:
+  KV_RESERVE  a request id already here is refused (failing it would fail the live request); a prompt
+              that does not fit the context fails its request (400); blocks claimed by reservations
+              not yet arrived are capped (reservations.py: by default 3/4 of the pool in total and 1/2
+              per peer, each at least one whole context), past which it fails at once (503, "decode
+              instance has too many reservations in flight") instead of waiting; a reservation whose
+              KV does not come is released at its deadline (`timeout_s`, 30 s by default)
+  KV_READY    only from the prefill instance the reservation names, once; token ids within the
+              vocabulary and a length that matches the reservation, or its request fails (400)
+A request the engine gives up (preempted with no swap space left, and a decode stage cannot
+recompute a prompt it never had) fails with a 503: the decode instance ran out of KV memory. A step
+that raises fails the requests of that step (500); the others go on.
 """
 
 from __future__ import annotations
@@ -23,9 +36,15 @@ from common.dataplane.base import Region, TransferState
 from common.log import get_logger
 from common.protocol import KvDest, KvReady, KvReserve, RequestError, Tokens, TokenUpdate
 from services.decode.kv_landing import InPlaceLanding
+from services.decode.reservations import ReservationLedger, ReservationLimits
+from services.decode.validation import kv_ready_problem, kv_reserve_problem
+from services.engine.engine import StepError
 from services.engine.kv_cache import block_offset
+from services.engine.sequence import FinishReason
+from services.wire_checks import Refusals, vocab_size
 
 log = get_logger("epd.decode")
+OUT_OF_KV = "the decode instance ran out of KV memory"
 
 
 @dataclass(slots=True)
@@ -39,7 +58,14 @@ class _Receiving:
 
 class DecodeWorker:
     def __init__(
-        self, engine: Any, io: Any, dataplane: Any, *, landing: Any = None, timeout_s: float = 30.0
+        self,
+        engine: Any,
+        io: Any,
+        dataplane: Any,
+        *,
+        landing: Any = None,
+        timeout_s: float = 30.0,
+        limits: ReservationLimits | None = None,
     ) -> None:
         self.engine = engine
         self.io = io
@@ -47,23 +73,57 @@ class DecodeWorker:
         self.timeout_s = timeout_s
         self.landing = landing or InPlaceLanding(engine.kv)
         self.block_bytes = engine.kv.block_bytes
+        self.limits = limits or ReservationLimits.for_engine(engine)
+        self.claims = ReservationLedger()  # blocks of the backlog and of `receiving`, per peer
+        self.refusals = Refusals(log)
+        self.vocab = vocab_size(engine.family)
         self.backlog: dict[str, tuple[KvReserve, float]] = {}
         self.receiving: dict[str, _Receiving] = {}
         self.fencing: dict[str, float] = {}  # aborted mid-transfer: freed when the fence time passes
 
+    def request_ids(self) -> set[str]:
+        """Every request this worker holds (fenced ones are gone already, only their blocks wait)."""
+        return {*self.backlog, *self.receiving, *self.engine.scheduler.requests} - self.fencing.keys()
+
     # ---- messages ----------------------------------------------------------------------------------
 
-    def on_kv_reserve(self, msg: KvReserve) -> None:
-        self.backlog[msg.request_id] = (msg, time.monotonic() + self.timeout_s)
+    def on_kv_reserve(self, msg: KvReserve, peer: Any = None) -> None:
+        """`peer`: the connection it came on (the caps are per peer); None: its sender field."""
+        rid = msg.request_id
+        if any(
+            rid in d for d in (self.backlog, self.receiving, self.fencing, self.engine.scheduler.requests)
+        ):
+            self.refusals.count(msg, f"request_id {rid!r} is already reserved here")
+            return
+        if problem := kv_reserve_problem(msg, self.engine.max_model_len):
+            self._refuse(msg, problem, 400)
+            return
+        blocks = self.engine.block_manager.blocks_for(msg.num_prompt_tokens)
+        peer = msg.sender if peer is None else peer
+        if problem := self.limits.refusal(self.claims, peer, blocks):
+            self._refuse(msg, problem, 503)
+            return
+        self.claims.add(rid, peer, blocks)
+        self.backlog[rid] = (msg, time.monotonic() + self.timeout_s)
         self._reserve_backlog()
 
     def on_kv_ready(self, msg: KvReady) -> None:
-        r = self.receiving.get(msg.request_id)
-        if r is not None:
-            r.ready = msg
-            self._admit(msg.request_id, r)
+        rid = msg.request_id
+        r = self.receiving.get(rid)
+        if r is None or r.ready is not None or msg.sender != r.msg.prefill_id:
+            self.refusals.count(msg, "no reservation here awaits this KV_READY from its sender")
+            return
+        if problem := kv_ready_problem(msg, r.msg, self.vocab, self.engine.max_model_len):
+            self.refusals.count(msg, problem)
+            self._fail(rid, problem, 400)
+            return
+        r.ready = msg
+        self._admit(rid, r)
 
     def on_abort(self, request_id: str) -> None:
+        if request_id in self.fencing:  # aborted already: its blocks wait for the fence, not for this
+            return
+        self.claims.remove(request_id)
         self.backlog.pop(request_id, None)
         r = self.receiving.pop(request_id, None)
         if r is not None:
@@ -101,13 +161,17 @@ class DecodeWorker:
         return self.engine.has_unfinished()
 
     def step(self) -> None:
-        updates = [
-            TokenUpdate(
-                request_id=o.request_id, token_ids=o.new_token_ids,
-                finished=o.finished, finish_reason=o.finish_reason, logprobs=o.logprobs,
-            )
-            for o in self.engine.step()
-        ]  # fmt: skip
+        updates = []
+        for o in self._engine_step():
+            if o.finish_reason == FinishReason.ERROR.value:  # preempted and nothing to swap or recompute
+                self._fail(o.request_id, OUT_OF_KV, 503)
+                continue
+            updates.append(
+                TokenUpdate(
+                    request_id=o.request_id, token_ids=o.new_token_ids,
+                    finished=o.finished, finish_reason=o.finish_reason, logprobs=o.logprobs,
+                )
+            )  # fmt: skip
         if updates:
             self.io.to_gateway(Tokens(updates=updates))
             for u in updates:
@@ -116,12 +180,22 @@ class DecodeWorker:
 
     # ---- helpers -----------------------------------------------------------------------------------
 
+    def _engine_step(self) -> list[Any]:
+        """One engine step; when it raises, its requests fail (the engine freed their blocks) and the
+        requests the scheduler gave up before the failure still come out."""
+        try:
+            return self.engine.step()
+        except StepError as exc:
+            log.error("a decode step failed", error=str(exc), requests=len(exc.request_ids))
+            for rid in exc.request_ids:
+                self._fail(rid, f"internal error in the decode step: {exc}", 500)
+            return exc.failed
+
     def _reserve_backlog(self) -> None:
         for rid, (msg, deadline) in list(self.backlog.items()):
             try:
                 blocks = self.engine.reserve(rid, msg.num_prompt_tokens, msg.params)
             except ValueError as exc:
-                del self.backlog[rid]
                 self._fail(rid, str(exc), 400)
                 continue
             if blocks is None:
@@ -151,9 +225,15 @@ class DecodeWorker:
     def _admit(self, rid: str, r: _Receiving) -> None:
         if r.ready is not None and r.handle.poll() is TransferState.SUCCESS:
             del self.receiving[rid]
+            self.claims.remove(rid)
             self.landing.land(rid, r.pool_blocks)
             self.engine.admit_reserved(rid, r.ready.token_ids, r.ready.rope_delta)
             log.info("decode admitted", request_id=rid, prompt_tokens=r.ready.num_prompt_tokens)
+
+    def _refuse(self, msg: KvReserve, problem: str, status: int) -> None:
+        """Fail a KV_RESERVE's request before it holds anything here."""
+        self.refusals.count(msg, problem)
+        self.io.to_gateway(RequestError(request_id=msg.request_id, message=problem, status=status))
 
     def _fail(self, rid: str, message: str, status: int = 502) -> None:
         log.warning("request failed", request_id=rid, error=message)

@@ -6,6 +6,10 @@ of them in one encoder call; the features go into an LRU cache keyed by content 
 to the prefill instance the gateway chose. That instance answers with a destination buffer (or with
 nothing, when it holds the hash already) and the bytes move over the data plane. A prefill role in the
 same process gets the tensor itself: no copy.
+
+An ENCODE is checked before use (ids, a bounded number of items, frames that exist): a bad one fails
+its request (400) and is counted in `refusals`. An encoder call that raises fails the requests of
+that batch (500); the worker goes on with the next.
 """
 
 from __future__ import annotations
@@ -22,8 +26,28 @@ from common.media import MediaError, decode_image
 from common.protocol import Encode, FeatureDest, FeatureOffer, RequestError
 from services.byte_lru import ByteLRU
 from services.tensor_bytes import byte_view, dtype_name
+from services.wire_checks import Refusals, id_problem
 
 log = get_logger("epd.encode")
+MAX_ITEMS = 256  # images of one ENCODE (the gateway's own limit is lower: 8 per request by default)
+
+
+def encode_problem(msg: Encode, num_frames: int) -> str | None:
+    problem = (
+        id_problem("request_id", msg.request_id)
+        or id_problem("prefill_id", msg.prefill_id)
+        or id_problem("prefill_address", msg.prefill_address)
+    )
+    if problem:
+        return problem
+    if not 1 <= len(msg.items) <= MAX_ITEMS:
+        return f"items: between 1 and {MAX_ITEMS} images, got {len(msg.items)}"
+    for i, item in enumerate(msg.items):
+        if problem := id_problem(f"items[{i}].hash", item.hash):
+            return problem
+        if item.frame >= num_frames or item.frame < -1:
+            return f"items[{i}].frame {item.frame}: the message has {num_frames} frame(s)"
+    return None
 
 
 @dataclass(slots=True)
@@ -58,6 +82,7 @@ class EncodeWorker:
         self._writes: list[Any] = []  # data plane handles in flight, with their sources
         self._dest_dataplane: dict[str, dict] = {}  # prefill id -> its data plane descriptor
         self.items_encoded = 0
+        self.refusals = Refusals(log)
 
     @property
     def queue_depth(self) -> int:
@@ -66,9 +91,16 @@ class EncodeWorker:
     def has_work(self) -> bool:
         return bool(self.queue)
 
+    def request_ids(self) -> set[str]:
+        return {item.request_id for item in self.queue}
+
     # ---- messages ----------------------------------------------------------------------------------
 
     def on_encode(self, msg: Encode, frames: list[Any]) -> None:
+        if problem := encode_problem(msg, len(frames)):
+            self.refusals.count(msg, problem)
+            self._fail(msg.request_id, problem, 400)
+            return
         for item in msg.items:
             features = self.cache.get(item.hash)
             if features is not None:
@@ -83,6 +115,12 @@ class EncodeWorker:
         features = self._offers.pop((msg.hash, msg.sender), None)
         if features is None or not msg.buffer_id:
             return  # the prefill instance holds these features already
+        problem = id_problem("buffer_id", msg.buffer_id) or id_problem("transfer_id", msg.transfer_id)
+        if problem is None and msg.offset < 0:
+            problem = f"offset {msg.offset} is negative"
+        if problem:
+            self.refusals.count(msg, problem)  # nothing is written; the request times out at prefill
+            return
         dest = self._dest_dataplane.get(msg.sender, {})
         region = Region(msg.buffer_id, msg.offset, features.numel() * features.element_size())
         source = byte_view(features) if features.device.type == "cpu" else features  # a device plane reads it
@@ -128,7 +166,14 @@ class EncodeWorker:
             except (MediaError, ValueError) as exc:
                 self._fail(item.request_id, f"image could not be processed: {exc}", 400)
         if ready:
-            for item, features in zip(ready, self.family.encode(prepared), strict=True):
+            try:
+                encoded = self.family.encode(prepared)
+            except Exception as exc:  # one bad batch fails its requests, not the process
+                log.exception("an encoder batch failed", items=len(ready))
+                for item in ready:
+                    self._fail(item.request_id, f"internal error in the encoder: {exc}", 500)
+                encoded, ready = [], []
+            for item, features in zip(ready, encoded, strict=True):
                 features = features.contiguous()
                 self.cache.put(item.hash, features, features.numel() * features.element_size())
                 self.items_encoded += 1

@@ -35,6 +35,17 @@ class RequestOutput:
     logprobs: Logprobs | None = None  # of the new token, when the request asked for them
 
 
+class StepError(RuntimeError):
+    """A step failed after it was scheduled. The requests of that step are aborted (their blocks are
+    free) and the engine is ready for the next step; `failed` holds what the scheduler had given up
+    before the failure (outputs with `FinishReason.ERROR`), which the caller still reports."""
+
+    def __init__(self, request_ids: list[str], failed: list[RequestOutput], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+        self.failed = failed
+
+
 class Engine:
     def __init__(
         self,
@@ -135,8 +146,14 @@ class Engine:
         failed = [RequestOutput(s.request_id, [], True, FinishReason.ERROR.value) for s in batch.failed]
         if not batch:
             return failed
-        result = self.runner.execute(batch, keep_logits=self.keep_logits, layer_hook=layer_hook)
-        updates = self.scheduler.postprocess(batch, result.tokens)
+        try:
+            result = self.runner.execute(batch, keep_logits=self.keep_logits, layer_hook=layer_hook)
+            updates = self.scheduler.postprocess(batch, result.tokens)
+        except Exception as exc:  # one bad batch must not take every other request with it
+            request_ids = [c.seq.request_id for c in batch.chunks]
+            for rid in request_ids:
+                self.abort(rid)
+            raise StepError(request_ids, failed, exc) from exc
         outputs, k = failed, 0
         for u in updates:
             if u.new_token is None:

@@ -65,6 +65,11 @@ class FeatureStore:
         self.device = device if device.type != "cpu" and device.type in dataplane.devices else None
         self._arena_memory = self._buffer(_ARENA, arena_bytes)
 
+    @property
+    def incoming_bytes(self) -> int:
+        """Bytes set aside for offered features still arriving."""
+        return sum(inc.offer.nbytes for inc in self._incoming.values())
+
     def has(self, hash_: str) -> bool:
         return hash_ in self.cache
 

@@ -6,20 +6,36 @@ Life of a request here (queues, in order):
   hand-off  first token sampled; KV layers stream to the decode instance (kv_sender), then KV_READY
 When this process decodes too (co-located P+D, or monolithic), the engine simply goes on decoding
 the request and its tokens go to the gateway from here: the KV never moves.
+
+Every PREFILL, FEATURE_OFFER and KV_DEST is checked before use (validation.py): a bad one fails its
+request (400) and is counted in `refusals`. A step that raises anyway fails the requests of that step
+(500) and the engine goes on with the others.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from common.log import get_logger
-from common.protocol import FirstToken, KvDest, Prefill, RequestError, Tokens, TokenUpdate
+from common.protocol import FeatureOffer, FirstToken, KvDest, Prefill, RequestError, Tokens, TokenUpdate
+from services.engine.engine import StepError
+from services.engine.sequence import FinishReason
 from services.prefill.features import FeatureStore
 from services.prefill.kv_sender import KVSender
+from services.prefill.validation import (
+    PrefillLimits,
+    feature_offer_problem,
+    features_problem,
+    kv_dest_problem,
+    prefill_problem,
+)  # fmt: skip
+from services.wire_checks import Refusals
 
 log = get_logger("epd.prefill")
+MAX_EARLY_DESTS = 1024  # KV_DESTs held for a PREFILL not here yet; the oldest go first
 
 
 @dataclass(slots=True)
@@ -33,6 +49,15 @@ class _Admitted:
     prompt: list[int]
     rope_delta: int
     first_sent: bool = False
+
+
+@dataclass(slots=True)
+class _Route:
+    """Where a request's KV goes: only its decode instance may name the blocks, once."""
+
+    decode_id: str
+    num_prompt_tokens: int
+    has_dest: bool = False
 
 
 class PrefillWorker:
@@ -53,27 +78,78 @@ class PrefillWorker:
         self.decodes = decodes  # this process hosts Decode too: requests never leave the engine
         self.features = FeatureStore(io, dataplane, cache_bytes, device=engine.kv.device)
         self.kv_sender = None if decodes else KVSender(engine, io, dataplane, stream_kv_layers)
+        self.limits = PrefillLimits.of(family, engine, dataplane, cache_bytes)
+        self.refusals = Refusals(log)
         self.waiting: dict[str, _Waiting] = {}
         self.admitted: dict[str, _Admitted] = {}
+        self.routes: dict[str, _Route] = {}  # requests whose KV leaves for a decode instance
+        self._early: OrderedDict[str, KvDest] = OrderedDict()
 
     def add_features(self, hash_: str, features: Any) -> None:
         """From an encoder in this same process."""
         self.features.add(hash_, features)
         self._admit_ready()
 
+    def request_ids(self) -> set[str]:
+        """Every request this worker holds, wherever it is."""
+        return {*self.waiting, *self.admitted, *self.routes, *self.engine.scheduler.requests}
+
+    def holds(self, rid: str) -> bool:
+        return any(
+            rid in d for d in (self.waiting, self.admitted, self.routes, self.engine.scheduler.requests)
+        )
+
     # ---- messages ----------------------------------------------------------------------------------
 
     def on_prefill(self, msg: Prefill) -> None:
-        self.waiting[msg.request_id] = _Waiting(msg, time.monotonic() + msg.deadline_s)
+        rid = msg.request_id
+        if self.holds(rid):  # failing it would fail the live request of that id
+            self.refusals.count(msg, f"request_id {rid!r} is already being served here")
+            return
+        if problem := prefill_problem(msg, self.limits, decodes=self.decodes):
+            self.refusals.count(msg, problem)
+            self.io.to_gateway(RequestError(request_id=rid, message=problem, status=400))
+            return
+        self.waiting[rid] = _Waiting(msg, time.monotonic() + msg.deadline_s)
         for ref in msg.mm:
             self.features.cache.pin(ref.hash)
         if self.kv_sender is not None:
-            self.kv_sender.start(msg.request_id, msg.decode_address, msg.deadline_s)
+            self.routes[rid] = _Route(msg.decode_id, len(msg.token_ids))
+            self.kv_sender.start(rid, msg.decode_address, msg.deadline_s)
+            early = self._early.pop(rid, None)
+            if early is not None:
+                self.on_kv_dest(early)
         self._admit_ready()
 
+    def on_feature_offer(self, msg: FeatureOffer) -> None:
+        if problem := feature_offer_problem(msg, self.limits, self.features.incoming_bytes):
+            self.refusals.count(msg, problem)  # no request to fail: offers come before requests
+            return
+        self.features.on_offer(msg)
+
     def on_kv_dest(self, msg: KvDest) -> None:
-        if self.kv_sender is not None:
-            self.kv_sender.on_kv_dest(msg)
+        rid = msg.request_id
+        if self.kv_sender is None:
+            self.refusals.count(msg, "this instance decodes its requests itself")
+            return
+        route = self.routes.get(rid)
+        if route is None:  # usually its PREFILL is on the way (decode reserves at once); checked then
+            if problem := kv_dest_problem(msg, self.limits):
+                self.refusals.count(msg, problem)
+                return
+            self._early[rid] = msg
+            while len(self._early) > MAX_EARLY_DESTS:
+                self._early.popitem(last=False)
+            return
+        if route.has_dest or msg.sender != route.decode_id:  # nobody else may redirect the KV
+            self.refusals.count(msg, f"not the one destination from decode instance {route.decode_id!r}")
+            return
+        if problem := kv_dest_problem(msg, self.limits, route.num_prompt_tokens):
+            self.refusals.count(msg, problem)
+            self._fail(rid, problem, 400)
+            return
+        route.has_dest = True
+        self.kv_sender.on_kv_dest(msg)
 
     def on_abort(self, request_id: str) -> None:
         w = self.waiting.pop(request_id, None)
@@ -81,6 +157,8 @@ class PrefillWorker:
             self._unpin(w.msg)
         if self.kv_sender is not None:
             self.kv_sender.drop(request_id)
+        self.routes.pop(request_id, None)
+        self._early.pop(request_id, None)
         self.engine.abort(request_id)
         self.admitted.pop(request_id, None)
 
@@ -97,17 +175,21 @@ class PrefillWorker:
         if self.kv_sender is not None:
             for rid, error in self.kv_sender.poll():
                 self._fail(rid, error, 502)
+            for rid in [r for r in self.routes if r not in self.kv_sender.handoffs]:  # handed over
+                del self.routes[rid]
 
     def has_work(self) -> bool:
         return self.engine.has_unfinished()
 
     def step(self) -> None:
         updates = []
-        hook = self.kv_sender.on_layer if self.kv_sender is not None else None
-        for out in self.engine.step(layer_hook=hook):
+        for out in self._engine_step():
             rid = out.request_id
             req = self.admitted.get(rid)
             if req is None:
+                continue
+            if not out.new_token_ids:  # the engine gave it up: no token to report
+                self._fail(rid, self._gave_up(out.finish_reason), 503)
                 continue
             if req.first_sent:
                 updates.append(
@@ -127,6 +209,24 @@ class PrefillWorker:
             self.kv_sender.flush()
 
     # ---- helpers -----------------------------------------------------------------------------------
+
+    def _engine_step(self) -> list[Any]:
+        """One engine step; when it raises, its requests fail (the engine freed their blocks) and the
+        requests the scheduler gave up before the failure still come out."""
+        hook = self.kv_sender.on_layer if self.kv_sender is not None else None
+        try:
+            return self.engine.step(layer_hook=hook)
+        except StepError as exc:
+            log.error("a prefill step failed", error=str(exc), requests=len(exc.request_ids))
+            for rid in exc.request_ids:
+                self._fail(rid, f"internal error in the prefill step: {exc}", 500)
+            return exc.failed
+
+    def _gave_up(self, reason: str | None) -> str:
+        where = "prefill/decode" if self.decodes else "prefill"
+        if reason == FinishReason.ERROR.value:
+            return f"the {where} instance ran out of KV memory"
+        return f"the {where} instance ended the request without a token ({reason})"
 
     def _first_token(self, rid: str, req: _Admitted, out: Any) -> None:
         first = FirstToken(
@@ -150,15 +250,28 @@ class PrefillWorker:
             del self.waiting[rid]
             msg = w.msg
             try:
-                inputs = self.family.model_inputs(msg.token_ids, [tuple(r.grid_thw) for r in msg.mm], feats)
-                self.engine.add_request(rid, msg.token_ids, msg.params, inputs)
+                self._admit(msg, feats)
             except ValueError as exc:
                 self._fail(rid, str(exc), 400)
-                continue
+            except Exception as exc:  # a bug, not the request's fault: fail it, keep serving
+                log.exception("admitting a prompt failed", request_id=rid)
+                self._fail(rid, f"internal error admitting the prompt: {exc}", 500)
             finally:
                 self._unpin(msg)
-            self.admitted[rid] = _Admitted(msg.token_ids, inputs.rope_delta)
-            log.info("prefill admitted", request_id=rid, prompt_tokens=len(msg.token_ids), images=len(msg.mm))
+
+    def _admit(self, msg: Prefill, feats: list[Any]) -> None:
+        for i, (ref, f) in enumerate(zip(msg.mm, feats, strict=True)):
+            if problem := features_problem(i, ref, f, self.limits.merge_size):
+                raise ValueError(problem)
+        inputs = self.family.model_inputs(msg.token_ids, [tuple(r.grid_thw) for r in msg.mm], feats)
+        self.engine.add_request(msg.request_id, msg.token_ids, msg.params, inputs)
+        self.admitted[msg.request_id] = _Admitted(msg.token_ids, inputs.rope_delta)
+        log.info(
+            "prefill admitted",
+            request_id=msg.request_id,
+            prompt_tokens=len(msg.token_ids),
+            images=len(msg.mm),
+        )
 
     def _unpin(self, msg: Prefill) -> None:
         for ref in msg.mm:

@@ -34,6 +34,9 @@ def test_help_states_every_new_default(command):
     assert "--gpu-memory-utilization F" in text and "(default 0.9; 0 < F <= 1)" in text
     assert "--attention-backend {auto,sdpa,flex}" in text and "auto (default:" in text
     assert "--enforce-eager" in text and "no CUDA graphs" in text and "(default: graphs and compiled" in text
+    assert (
+        "--swap-space GiB" in text and "host memory" in text and "(default 4, as vLLM; 0: never swap)" in text
+    )
     stack = command != "serve"
     assert ("--devices LIST" in text and "(default 0: every process shares one device)" in text) == stack
     assert ("--devices-for ROLES=LIST" in text and "(repeatable; default: --devices)" in text) == stack
@@ -48,6 +51,8 @@ def test_help_states_every_new_default(command):
          "a fraction above 0 and at most 1"),
         (["up", "--kv-cache-memory", "0"], "bad --kv-cache-memory '0': a whole number of MiB, or auto"),
         (["up", "--attention-backend", "flash"], "invalid choice: 'flash'"),
+        (["up", "--swap-space", "-1"], "bad --swap-space '-1': GiB of host memory, a number >= 0"),
+        (["bench", "--swap-space", "nan"], "bad --swap-space 'nan'"),
         (["up", "--device", "cuda", "--devices", "0,x"], "write device indices like 0 or 0,1,2"),
         (["up", "--device", "cuda", "--devices-for", "PD=1"], "no process hosts exactly the roles PD"),
         (["up", "--devices", "1"], "with --device cpu there is nothing to place"),
@@ -110,3 +115,36 @@ def test_up_on_cpu_keeps_the_environment_and_mib():
     for env in stack.envs:  # this environment, plus the stack's keys; on cpu no visible-devices variable
         assert env is not None and "CUDA_VISIBLE_DEVICES" not in {**env}.keys() - os.environ.keys()
         assert StackKeys.from_environment(env) == stack.config.keys
+
+
+def test_swap_space_reaches_every_stage_process_and_its_engine(monkeypatch):
+    stack = Stack(StackConfig("model", parse_topology("E1 P1 D1"), swap_space=0.5))
+    assert [serve_args(stack, i).swap_space for i in range(3)] == [0.5] * 3
+    assert build_parser().parse_args(["up"]).swap_space == 4.0
+    assert build_parser().parse_args(["bench", "--swap-space", "0"]).swap_space == 0.0
+
+    import services.host
+
+    seen = []
+    monkeypatch.setattr(services.host, "serve", lambda config: seen.append(config) or 0)
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--roles",
+            "D",
+            "--gateway",
+            "tcp://127.0.0.1:1",
+            "--model",
+            "m",
+            "--insecure",
+            "--swap-space",
+            "0",
+        ]
+    )
+    assert args.run(args) == 0
+    assert seen[0].swap_space_bytes == 0
+    args = build_parser().parse_args(
+        ["serve", "--roles", "D", "--gateway", "tcp://127.0.0.1:1", "--model", "m", "--insecure"]
+    )
+    args.run(args)
+    assert seen[1].swap_space_bytes == 4 * 2**30

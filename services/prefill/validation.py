@@ -1,0 +1,156 @@
+"""What a prefill instance checks in PREFILL, FEATURE_OFFER and KV_DEST before it uses them.
+
+Each check returns the problem as a sentence naming the field, or None (services/wire_checks.py).
+The limits come from this instance's model and engine: its vocabulary and context, how image grids
+become placeholder tokens, the width of an encoder feature row, and the KV block geometry a decode
+instance must share with it for the blocks it names to mean anything here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from common.protocol import FeatureOffer, KvDest, Prefill
+from services.wire_checks import id_problem, token_problem, vocab_size
+
+MAX_DEADLINE_S = 600.0  # the gateway sends 30 s; a deadline past this would pin features for hours
+MAX_POOL_BLOCKS = 2**31  # block offsets are computed from it: keep them within 64-bit byte offsets
+FEATURE_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}  # name -> bytes per element
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillLimits:
+    vocab_size: int
+    max_model_len: int
+    image_token_id: int | None  # None: the model takes no images
+    merge_size: int  # patches merged per side into one placeholder token
+    hidden_size: int | None  # width of one feature row; None: not checked
+    block_size: int
+    block_bytes: int
+    dataplane_backend: str
+    max_feature_bytes: int  # the feature cache: one item larger than it could never be kept
+
+    @classmethod
+    def of(cls, family: Any, engine: Any, dataplane: Any, cache_bytes: int) -> PrefillLimits:
+        return cls(
+            vocab_size=vocab_size(family), max_model_len=engine.max_model_len,
+            image_token_id=getattr(family, "image_token_id", None),
+            merge_size=int(getattr(family, "merge_size", 1)), hidden_size=getattr(family, "hidden_size", None),
+            block_size=engine.kv.block_size, block_bytes=engine.kv.block_bytes,
+            dataplane_backend=dataplane.descriptor().get("backend", ""), max_feature_bytes=cache_bytes,
+        )  # fmt: skip
+
+
+def prefill_problem(msg: Prefill, lim: PrefillLimits, *, decodes: bool) -> str | None:
+    """`decodes`: this instance decodes its requests itself (no decode instance to name)."""
+    problem = id_problem("request_id", msg.request_id) or token_problem(
+        "token_ids", msg.token_ids, lim.vocab_size
+    )
+    if problem:
+        return problem
+    n = len(msg.token_ids)
+    if n >= lim.max_model_len:
+        return (
+            f"token_ids: a prompt of {n} tokens leaves no room for output within the context of "
+            f"{lim.max_model_len} tokens"
+        )
+    if not (math.isfinite(msg.deadline_s) and 0 <= msg.deadline_s <= MAX_DEADLINE_S):
+        return f"deadline_s must be between 0 and {MAX_DEADLINE_S:g} seconds, got {msg.deadline_s}"
+    if not decodes:
+        problem = id_problem("decode_id", msg.decode_id) or id_problem("decode_address", msg.decode_address)
+        if problem:
+            return problem
+    return mm_problem(msg, lim)
+
+
+def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
+    """Each image's grid must merge into whole tokens, and the prompt's placeholders come in one run
+    per image of exactly that many tokens, in order: what the M-RoPE positions are computed from.
+    (`num_tokens` says the same for whoever reads the message; the grid decides here.)"""
+    if not msg.mm:
+        return None
+    if lim.image_token_id is None:
+        return "mm: this model takes no images"
+    m = lim.merge_size
+    for i, ref in enumerate(msg.mm):
+        if problem := id_problem(f"mm[{i}].hash", ref.hash):
+            return problem
+        t, h, w = ref.grid_thw
+        if min(t, h, w) < 1 or h % m or w % m:
+            return f"mm[{i}]: grid_thw {list(ref.grid_thw)} is not a grid of whole {m}x{m} merged patches"
+    runs = [
+        len(list(g))
+        for is_image, g in itertools.groupby(msg.token_ids, lim.image_token_id.__eq__)
+        if is_image
+    ]
+    wanted = [grid_tokens(ref.grid_thw, m) for ref in msg.mm]
+    if runs != wanted:
+        return f"mm: token_ids hold image placeholder runs of {runs[:8]} tokens, the grids make {wanted[:8]}"
+    return None
+
+
+def grid_tokens(grid_thw: tuple[int, int, int], merge_size: int) -> int:
+    t, h, w = grid_thw
+    return t * (h // merge_size) * (w // merge_size)
+
+
+def features_problem(index: int, ref: Any, features: Any, merge_size: int) -> str | None:
+    """Features that arrived for a request's image must have one row per placeholder token."""
+    rows, wanted = int(features.shape[0]), grid_tokens(ref.grid_thw, merge_size)
+    if rows != wanted:
+        return f"mm[{index}]: the features of image {ref.hash[:12]} have {rows} rows, its grid makes {wanted}"
+    return None
+
+
+def feature_offer_problem(msg: FeatureOffer, lim: PrefillLimits, incoming_bytes: int = 0) -> str | None:
+    """`incoming_bytes`: set aside for offers still arriving; with this one they must fit the cache."""
+    problem = id_problem("hash", msg.hash) or id_problem("encoder_address", msg.encoder_address)
+    if problem:
+        return problem
+    itemsize = FEATURE_DTYPES.get(msg.dtype)
+    if itemsize is None:
+        return f"dtype {msg.dtype[:32]!r} is not a feature dtype ({', '.join(FEATURE_DTYPES)})"
+    if len(msg.shape) != 2 or min(msg.shape) < 1:
+        return f"shape {msg.shape[:4]} is not [rows, width] with both at least 1"
+    if msg.shape[0] >= lim.max_model_len:
+        return f"shape: {msg.shape[0]} rows, more image tokens than a prompt of this model can hold"
+    if lim.hidden_size is not None and msg.shape[1] != lim.hidden_size:
+        return f"shape: rows of {msg.shape[1]} values, this model's features have {lim.hidden_size}"
+    if msg.nbytes != msg.shape[0] * msg.shape[1] * itemsize:
+        return f"nbytes {msg.nbytes} is not what shape {msg.shape} of {msg.dtype} takes"
+    if incoming_bytes + msg.nbytes > lim.max_feature_bytes:
+        return (
+            f"nbytes {msg.nbytes}: with the {incoming_bytes} bytes of features still arriving, more than "
+            f"the feature cache holds ({lim.max_feature_bytes})"
+        )
+    return None
+
+
+def kv_dest_problem(msg: KvDest, lim: PrefillLimits, num_prompt_tokens: int | None = None) -> str | None:
+    """The fields alone; with `num_prompt_tokens` (the request is known) the block count too."""
+    if problem := id_problem("transfer_id", msg.transfer_id):
+        return problem
+    if msg.block_bytes != lim.block_bytes:
+        return (
+            f"block_bytes {msg.block_bytes} is not this instance's {lim.block_bytes}: the two KV pools "
+            "do not hold the same model"
+        )
+    if msg.dataplane.get("backend") != lim.dataplane_backend:
+        return f"dataplane: not a {lim.dataplane_backend} descriptor"
+    if not 1 <= msg.pool_blocks <= MAX_POOL_BLOCKS:
+        return f"pool_blocks must be between 1 and {MAX_POOL_BLOCKS}, got {msg.pool_blocks}"
+    ids = msg.block_ids
+    if ids and (min(ids) < 0 or max(ids) >= msg.pool_blocks):
+        return f"block_ids must lie in [0, {msg.pool_blocks})"
+    if len(set(ids)) != len(ids):
+        return "block_ids: a block is listed twice"
+    if num_prompt_tokens is not None:
+        need = -(-num_prompt_tokens // lim.block_size)
+        if len(ids) != need:
+            return (
+                f"block_ids: {len(ids)} blocks for a prompt of {num_prompt_tokens} tokens, which takes {need}"
+            )
+    return None
