@@ -32,6 +32,14 @@ def id_problem(name: str, value: str) -> str | None:
     return None
 
 
+def ids_problem(msg: object, *names: str) -> str | None:
+    """The first of the message's id fields `names` that is empty or too long, as `id_problem` says."""
+    for name in names:
+        if (problem := id_problem(name, getattr(msg, name))) is not None:
+            return problem
+    return None
+
+
 def token_problem(name: str, token_ids: Sequence[int], vocab: int) -> str | None:
     """Whether every id is one the model knows (0 to vocab - 1)."""
     if not token_ids:

@@ -8,16 +8,11 @@ blocks for, the vocabulary of the model it embeds the first token with, its cont
 from __future__ import annotations
 
 from common.protocol import KvReady, KvReserve
-from services.wire_checks import id_problem, token_problem
+from services.wire_checks import ids_problem, token_problem
 
 
 def kv_reserve_problem(msg: KvReserve, max_model_len: int) -> str | None:
-    problem = (
-        id_problem("request_id", msg.request_id)
-        or id_problem("prefill_id", msg.prefill_id)
-        or id_problem("prefill_address", msg.prefill_address)
-    )
-    if problem:
+    if problem := ids_problem(msg, "request_id", "prefill_id", "prefill_address"):
         return problem
     if not 1 <= msg.num_prompt_tokens < max_model_len:
         return (

@@ -26,19 +26,14 @@ from common.media import MediaError, decode_image
 from common.protocol import Encode, FeatureDest, FeatureOffer, RequestError
 from services.byte_lru import ByteLRU
 from services.tensor_bytes import byte_view, dtype_name
-from services.wire_checks import Refusals, id_problem
+from services.wire_checks import Refusals, id_problem, ids_problem
 
 log = get_logger("epd.encode")
 MAX_ITEMS = 256  # images of one ENCODE (the gateway's own limit is lower: 8 per request by default)
 
 
 def encode_problem(msg: Encode, num_frames: int) -> str | None:
-    problem = (
-        id_problem("request_id", msg.request_id)
-        or id_problem("prefill_id", msg.prefill_id)
-        or id_problem("prefill_address", msg.prefill_address)
-    )
-    if problem:
+    if problem := ids_problem(msg, "request_id", "prefill_id", "prefill_address"):
         return problem
     if not 1 <= len(msg.items) <= MAX_ITEMS:
         return f"items: between 1 and {MAX_ITEMS} images, got {len(msg.items)}"
