@@ -216,7 +216,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backends",
-        default="shm,tcp,torchdist,mooncake,nixl",
+        default="shm,tcp,cudaipc,torchdist,mooncake,nixl",
         help="comma list; NAME+curve runs that plane's ZeroMQ sockets with stack keys (CURVE), e.g. "
         "tcp+curve (default %(default)s)",
     )
