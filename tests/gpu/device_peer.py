@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from common.dataplane import Region, create_dataplane  # noqa: E402
+from tests.common.dataplane.dataplane_peer import answer_lines  # noqa: E402
 
 
 def pattern(length: int, seed: int, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -84,24 +85,16 @@ class Agent:
         outside = not data[:offset].any() and not data[offset + length :].any()
         return {"match": inside, "untouched_elsewhere": outside}
 
+    def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        return getattr(self, f"op_{cmd.pop('op')}")(**cmd)
+
     def close(self) -> None:
         self.plane.close()
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    agent = Agent(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}"))
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd.get("op") == "close":
-            break
-        try:
-            reply = getattr(agent, f"op_{cmd.pop('op')}")(**cmd)
-        except Exception as exc:
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(reply), flush=True)
-    agent.close()
+    answer_lines(Agent(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}")))
 
 
 if __name__ == "__main__":

@@ -26,16 +26,27 @@ PEER_SCRIPT = Path(__file__).parent / "dataplane_peer.py"
 class RemotePeer:
     """A producer/consumer plane in a child process; `call` sends one command and waits for its reply."""
 
-    def __init__(self, backend: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        backend: str,
+        options: dict[str, Any] | None = None,
+        *,
+        args: list[str] | None = None,
+        script: Path = PEER_SCRIPT,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`script BACKEND [ARGS...] OPTIONS_JSON` in a child (tests/gpu passes its own script and the
+        environment that leaves the child one GPU)."""
         self.backend = backend
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  (closed in close())
         self._stderr_tail = ""
         self.proc = subprocess.Popen(
-            [sys.executable, str(PEER_SCRIPT), backend, json.dumps(options or {})],
+            [sys.executable, str(script), backend, *(args or []), json.dumps(options or {})],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
+            env=env,
         )
 
     def ready(self, timeout: float = 60) -> RemotePeer:
@@ -82,6 +93,12 @@ class RemotePeer:
                 pipe.close()
         self.stderr()
         self._stderr.close()
+
+    def __enter__(self) -> RemotePeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class LocalPeer:

@@ -102,9 +102,8 @@ class Agent:
         self.plane.close()
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    agent = Agent(sys.argv[1], **json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}"))
+def answer_lines(agent: Any) -> None:
+    """Say ready, then answer each JSON command on stdin with `agent.handle(cmd)` until "close"."""
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -116,6 +115,11 @@ def main() -> None:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(reply), flush=True)
     agent.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    answer_lines(Agent(sys.argv[1], **json.loads(sys.argv[2] if len(sys.argv) > 2 else "{}")))
 
 
 if __name__ == "__main__":
