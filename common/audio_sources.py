@@ -10,11 +10,10 @@ import binascii
 import os
 import urllib.parse
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from common.audio import DEFAULT_MAX_BYTES, declared_containers
-from common.media import MediaError, decode_data_uri
+from common.media import MediaError, decode_data_uri, read_local_file
 
 
 def input_audio_bytes(
@@ -67,33 +66,12 @@ def read_audio_file(
     allowed_dirs: Iterable[str | os.PathLike[str]] | None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> bytes:
-    """A local file's bytes, if it lies inside `allowed_dirs` (symlinks resolved before the check).
-
-    `None` allows any path (local tools such as the CLI); an empty list allows none. The folder check
-    comes before any existence check, so a client cannot probe which files exist elsewhere.
-    """
-    roots = None if allowed_dirs is None else [Path(d).expanduser().resolve() for d in allowed_dirs]
+    """A local audio file's bytes under `media.read_local_file`'s rules; an empty `allowed_dirs` is
+    refused by name, since no path can pass it."""
+    roots = None if allowed_dirs is None else list(allowed_dirs)
     if roots == []:
         raise MediaError("local audio files are not allowed on this server; send a data: URI")
-    try:
-        real = Path(path).expanduser().resolve()
-    except (OSError, RuntimeError) as exc:  # a symlink loop
-        raise MediaError(f"cannot resolve audio path {path}: {exc}") from None
-    if roots is not None and not any(real.is_relative_to(root) for root in roots):
-        raise MediaError(f"audio file {path} is outside the allowed folders")
-    if not real.is_file():
-        raise MediaError(f"audio file not found: {path}")
-    try:
-        size = real.stat().st_size
-        if size > max_bytes:
-            raise MediaError(f"audio is {size} bytes, limit is {max_bytes}")
-        with open(real, "rb") as handle:
-            data = handle.read(max_bytes + 1)
-    except OSError as exc:
-        raise MediaError(f"cannot read audio file {path}: {exc.strerror or exc}") from None
-    if len(data) > max_bytes:  # the file grew after the size check
-        raise MediaError(f"audio is over the limit of {max_bytes} bytes")
-    return data
+    return read_local_file(path, allowed_dirs=roots, max_bytes=max_bytes, kind="audio")
 
 
 def _decode_base64(text: str, max_bytes: int) -> bytes:

@@ -76,27 +76,47 @@ def load_image_path(
     folder cannot point outside it. `allowed_dirs=None` (the default) means no restriction, for local
     tools such as the CLI; a server must pass its folders. An empty list allows nothing.
     """
+    data = read_local_file(path, allowed_dirs=allowed_dirs, max_bytes=max_bytes, kind="image")
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def read_local_file(
+    path: str | os.PathLike[str],
+    *,
+    allowed_dirs: Iterable[str | os.PathLike[str]] | None,
+    max_bytes: int,
+    kind: str,
+) -> bytes:
+    """The bytes of a local media file (`kind`: image, audio, video), if it lies inside `allowed_dirs`.
+
+    The path is resolved (symlinks and `..` included) before the folder check, so a link inside an
+    allowed folder cannot point outside it, and the folder check comes before any existence check, so
+    a client cannot probe which files exist elsewhere. `None` means no restriction (local tools such
+    as the CLI); an empty list allows nothing. At most `max_bytes + 1` bytes are read.
+    """
     try:
-        real = Path(path).expanduser().resolve(strict=True)
-    except (FileNotFoundError, NotADirectoryError):
-        raise MediaError(f"image file not found: {path}") from None
-    except (OSError, RuntimeError) as exc:  # permission denied on a parent, symlink loop
-        raise MediaError(f"cannot read image file {path}: {exc}") from None
+        real = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise MediaError(f"cannot resolve {kind} path {path}: {exc}") from None
     if allowed_dirs is not None:
         roots = [Path(d).expanduser().resolve() for d in allowed_dirs]
         if not any(real.is_relative_to(root) for root in roots):
-            raise MediaError(f"image file {path} is outside the allowed folders")
-    if not real.is_file():
-        raise MediaError(f"image path is not a file: {path}")
+            raise MediaError(f"{kind} file {path} is outside the allowed folders")
     try:
+        if not real.exists():
+            raise MediaError(f"{kind} file not found: {path}")
+        if not real.is_file():
+            raise MediaError(f"{kind} path is not a file: {path}")
         size = real.stat().st_size
         if size > max_bytes:
-            raise MediaError(f"image is {size} bytes, limit is {max_bytes}")
+            raise MediaError(f"{kind} is {size} bytes, limit is {max_bytes}")
         with open(real, "rb") as handle:
             data = handle.read(max_bytes + 1)
-    except OSError as exc:
-        raise MediaError(f"cannot read image file {path}: {exc.strerror or exc}") from None
-    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    except OSError as exc:  # permission denied on the file or a parent
+        raise MediaError(f"cannot read {kind} file {path}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:  # the file grew after the size check
+        raise MediaError(f"{kind} is over the limit of {max_bytes} bytes")
+    return data
 
 
 def decode_data_uri(uri: str, *, max_bytes: int | None = None) -> bytes:

@@ -18,13 +18,12 @@ import io
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import av
 import numpy as np
 from PIL import Image
 
-from common.media import MediaError, decode_data_uri
+from common.media import MediaError, decode_data_uri, read_local_file
 from common.video_sampling import VideoSampling
 
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
@@ -109,32 +108,10 @@ def load_video_path(
     sampling: VideoSampling | None = None,
     limits: VideoLimits | None = None,
 ) -> DecodedVideo:
-    """Load a local video file, refusing paths outside `allowed_dirs` (after resolving symlinks).
-
-    The same rule as `media.load_image_path`: `None` means no restriction (local tools), an empty list
-    allows nothing.
-    """
+    """Load a local video file under `media.read_local_file`'s rules (`None`: no restriction, for
+    local tools; an empty list allows nothing)."""
     limits = limits or VideoLimits()
-    try:
-        real = Path(path).expanduser().resolve(strict=True)
-    except (FileNotFoundError, NotADirectoryError):
-        raise MediaError(f"video file not found: {path}") from None
-    except (OSError, RuntimeError) as exc:
-        raise MediaError(f"cannot read video file {path}: {exc}") from None
-    if allowed_dirs is not None:
-        roots = [Path(d).expanduser().resolve() for d in allowed_dirs]
-        if not any(real.is_relative_to(root) for root in roots):
-            raise MediaError(f"video file {path} is outside the allowed folders")
-    if not real.is_file():
-        raise MediaError(f"video path is not a file: {path}")
-    try:
-        size = real.stat().st_size
-        if size > limits.max_bytes:
-            raise MediaError(f"video is {size} bytes, limit is {limits.max_bytes}")
-        with open(real, "rb") as handle:
-            data = handle.read(limits.max_bytes + 1)
-    except OSError as exc:
-        raise MediaError(f"cannot read video file {path}: {exc.strerror or exc}") from None
+    data = read_local_file(path, allowed_dirs=allowed_dirs, max_bytes=limits.max_bytes, kind="video")
     return decode_video(data, sampling=sampling, limits=limits)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.hashing import content_hash
-from common.media import MediaError, decode_data_uri, decode_image
+from common.media import MediaError, decode_data_uri, decode_image, read_local_file
 from common.vision_geometry import VisionGeometry
 from gateway.backend import ImageInput
 from gateway.errors import bad_request
@@ -75,28 +75,9 @@ class ImageLoader:
         )
 
     def _read_file(self, path: str) -> bytes:
-        """A local image, if it lies inside an allowed folder (symlinks resolved before the check).
-
-        The folder check comes before any existence check, so a client cannot probe which files exist
-        elsewhere on the machine.
-        """
+        """A local image, if it lies inside an allowed folder (`media.read_local_file`'s rules)."""
         if not self.allowed_dirs:
             raise MediaError("local image files are not allowed on this server; send a data: URI")
         if not path.startswith("/"):
             raise MediaError(f"local image paths must be absolute, got {path!r}")
-        try:
-            real = Path(path).resolve()
-        except (OSError, RuntimeError) as exc:  # a symlink loop
-            raise MediaError(f"cannot resolve image path {path}: {exc}") from None
-        if not any(real.is_relative_to(root) for root in self.allowed_dirs):
-            raise MediaError(f"image file {path} is outside the allowed folders")
-        if not real.is_file():
-            raise MediaError(f"image file not found: {path}")
-        try:
-            size = real.stat().st_size
-            if size > self.max_bytes:
-                raise MediaError(f"image is {size} bytes, limit is {self.max_bytes}")
-            with open(real, "rb") as handle:
-                return handle.read(self.max_bytes + 1)
-        except OSError as exc:
-            raise MediaError(f"cannot read image file {path}: {exc.strerror or exc}") from None
+        return read_local_file(path, allowed_dirs=self.allowed_dirs, max_bytes=self.max_bytes, kind="image")
