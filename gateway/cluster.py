@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import zmq.asyncio
 from prometheus_client import CollectorRegistry, generate_latest
@@ -38,20 +37,11 @@ from common.protocol import (
 )  # fmt: skip
 from common.stack_keys import StackKeys
 from gateway.backend import BackendError, GenerateRequest, TokenEvent
+from gateway.flights import Flight, Flights
 from gateway.instance_metrics import InstanceCollector, StageClock, StageTimings
 from gateway.registry import Instance, Registry
 
 log = logging.getLogger("epd.gateway.cluster")
-
-
-@dataclass(slots=True)
-class _Flight:
-    queue: asyncio.Queue
-    holders: dict[str, str] = field(default_factory=dict)  # instance id -> stage letter(s)
-    decode_id: str = ""
-    prefill_id: str = ""  # kept once prefill leaves `holders`: it may still be shipping the KV
-    aborted: bool = False
-    clock: StageClock = field(default_factory=StageClock)
 
 
 class Cluster:
@@ -73,7 +63,7 @@ class Cluster:
         self.prefill_deadline_s = prefill_deadline_s
         self._control_address = control_address
         self.keys = keys
-        self._flights: dict[str, _Flight] = {}
+        self.flights = Flights(self.registry)
         self._tasks: list[asyncio.Task] = []
         self.ctx: zmq.asyncio.Context | None = None
         self.mailbox: Mailbox | None = None
@@ -150,14 +140,14 @@ class Cluster:
             self._end(request.request_id, finished)
 
     async def abort(self, request_id: str) -> None:
-        flight = self._flights.get(request_id)
+        flight = self.flights.get(request_id)
         if flight is not None and not flight.aborted:
             self._send_abort(request_id, flight)
             flight.queue.put_nowait(TokenEvent([], finished=True, finish_reason="abort"))
 
     # ---- placing a request -----------------------------------------------------------------------
 
-    def _place(self, req: GenerateRequest) -> _Flight:
+    def _place(self, req: GenerateRequest) -> Flight:
         reg = self.registry
         prefill = reg.least_loaded("P")
         if prefill is None:
@@ -173,11 +163,12 @@ class Cluster:
                 raise BackendError(503, "no live encode instance")
         rid = req.request_id
         clock = StageClock(split=decode is not prefill, with_images=bool(req.images))
-        flight = _Flight(asyncio.Queue(), decode_id=decode.id, prefill_id=prefill.id, clock=clock)
-        self._flights[rid] = flight
+        flight = self.flights.add(
+            rid, Flight(asyncio.Queue(), decode_id=decode.id, prefill_id=prefill.id, clock=clock)
+        )
         assert self.mailbox is not None
         if decode is not prefill:
-            self._hold(flight, decode, "D", rid)
+            self.flights.hold(flight, decode, "D", rid)
             self.mailbox.send(
                 decode.address,
                 KvReserve(
@@ -186,7 +177,7 @@ class Cluster:
                 ),
             )  # fmt: skip
         if encode is not None:
-            self._hold(flight, encode, "E", rid)
+            self.flights.hold(flight, encode, "E", rid)
             items = [MMItem(hash=img.hash, frame=i) for i, img in enumerate(req.images)]
             msg = Encode(
                 request_id=rid, items=items, prefill_id=prefill.id, prefill_address=prefill.address,
@@ -194,7 +185,7 @@ class Cluster:
             )  # fmt: skip
             self.mailbox.send(encode.address, msg, [img.data for img in req.images])
             reg.remember_encoded(hashes, encode.id)
-        self._hold(flight, prefill, "P", rid)
+        self.flights.hold(flight, prefill, "P", rid)
         mm = [MMRef(hash=i.hash, grid_thw=tuple(i.grid_thw), num_tokens=i.num_tokens) for i in req.images]
         self.mailbox.send(
             prefill.address,
@@ -205,44 +196,23 @@ class Cluster:
         )  # fmt: skip
         return flight
 
-    def _hold(self, flight: _Flight, inst: Instance, stage: str, rid: str) -> None:
-        flight.holders[inst.id] = flight.holders.get(inst.id, "") + stage
-        inst.inflight.add(rid)
-
-    def _release(self, rid: str, flight: _Flight, keep: str) -> None:
-        """The request left every stage but `keep` (an instance id)."""
-        for iid in [i for i in flight.holders if i != keep]:
-            inst = self.registry.instances.get(iid)
-            if inst is not None:
-                inst.inflight.discard(rid)
-            del flight.holders[iid]
-
-    def _land(self, rid: str) -> None:
-        flight = self._flights.pop(rid, None)
-        if flight is not None:
-            self._release(rid, flight, keep="")
-
     def _end(self, rid: str, finished: bool) -> None:
         """The request's iteration ended: abort it at its instances unless it finished or was aborted
         (client gone, stop string, stage failure), and free its load counts even if the abort fails."""
-        flight = self._flights.get(rid)
+        flight = self.flights.get(rid)
         if flight is None:
             return
         try:
             if not finished and not flight.aborted:
                 self._send_abort(rid, flight)
         finally:
-            self._land(rid)
+            self.flights.land(rid)
 
-    def _send_abort(self, rid: str, flight: _Flight, dead: str = "") -> None:
-        """Abort `rid` at every live instance that holds it or may still work on it, never at `dead`
-        (an instance declared dead: a process restarted under its id holds nothing of it)."""
+    def _send_abort(self, rid: str, flight: Flight, dead: str = "") -> None:
+        """Abort `rid` at every live instance that holds it or may still work on it, never at `dead`."""
         assert self.mailbox is not None
-        flight.aborted = True
-        for iid in {*flight.holders, flight.prefill_id} - {dead, ""}:
-            inst = self.registry.instances.get(iid)
-            if inst is not None:
-                self.mailbox.send(inst.address, Abort(request_id=rid))
+        for address in self.flights.abort_targets(flight, dead):
+            self.mailbox.send(address, Abort(request_id=rid))
 
     # ---- messages --------------------------------------------------------------------------------
 
@@ -267,11 +237,11 @@ class Cluster:
         if isinstance(msg, Register):
             self._register(msg.info, route)
             return
-        flight = self._flights.get(getattr(msg, "request_id", ""))
+        flight = self.flights.get(getattr(msg, "request_id", ""))
         if isinstance(msg, FirstToken):
             if flight is None:
                 return
-            self._release(msg.request_id, flight, keep=flight.decode_id)
+            self.flights.release(msg.request_id, flight, keep=flight.decode_id)
             self.timings.first_token(flight.clock)
             if msg.finished and flight.holders:
                 self._send_abort(msg.request_id, flight)  # decode reserved blocks it will not need
@@ -279,7 +249,7 @@ class Cluster:
             flight.queue.put_nowait(event)
         elif isinstance(msg, Tokens):
             for u in msg.updates:
-                f = self._flights.get(u.request_id)
+                f = self.flights.get(u.request_id)
                 if f is not None:
                     self.timings.decode_tokens(f.clock)
                     f.queue.put_nowait(TokenEvent(list(u.token_ids), u.finished, u.finish_reason, u.logprobs))
@@ -309,9 +279,13 @@ class Cluster:
         log.info("instance %s (%s) %s", info.instance_id, info.roles, reason or "registered")
 
     async def _watch(self) -> None:
-        """Drop instances whose heartbeats stopped, and fail what they held."""
+        """Mark instances whose heartbeats are late suspect, drop those whose heartbeats stopped, and fail
+        what they held."""
         while True:
             await asyncio.sleep(self.heartbeat_interval / 2)
+            for inst in self.registry.newly_suspect():
+                log.warning("instance %s (%s) is late with its heartbeats; no new work for it", inst.id,
+                            inst.info.roles)  # fmt: skip
             for inst in self.registry.expired():
                 log.warning("instance %s (%s) stopped heartbeating; dropped", inst.id, inst.info.roles)
                 assert self.mailbox is not None
@@ -321,7 +295,7 @@ class Cluster:
     def _fail_instance(self, inst: Instance, what: str) -> None:
         """End every request `inst` held with an error, and free them on the other stages."""
         for rid in list(inst.inflight):
-            flight = self._flights.get(rid)
+            flight = self.flights.get(rid)
             if flight is None:
                 continue
             stage = flight.holders.pop(inst.id, "?")

@@ -44,6 +44,11 @@ INSTANCE_GAUGES: list[tuple[str, str, Figure]] = [
         lambda i: i.load.free_kv_blocks,
     ),
     ("epd_kv_total_blocks", "Blocks of an instance's KV pool.", lambda i: i.load.total_kv_blocks),
+    (
+        "epd_instance_suspect",
+        "1 while an instance's heartbeats are late (it gets no new work), else 0.",
+        lambda i: float(i.suspect),
+    ),
 ]
 INSTANCE_COUNTERS: list[tuple[str, str, Figure]] = [
     (

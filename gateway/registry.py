@@ -1,8 +1,12 @@
 """The gateway's view of the stage instances: who is alive, what each hosts, how loaded it is.
 
 Instances register themselves (REGISTER) and then send heartbeats; one that misses heartbeats for
-`timeout_s` is dropped, and the requests it held are failed by the cluster. Nothing is configured by
-hand: scaling a stage up is starting another process that registers.
+`timeout_s` is dropped, and the requests it held are failed by the cluster. Before that, from
+`suspect_after_s` without a heartbeat, it is *suspect*: it keeps what it holds (a process that merely
+stalled, or a congested link, carries on when it wakes) but gets no new work while an instance of its
+role is not suspect, so a stall costs the requests already there and no others, and a dead process is
+still failed at `timeout_s`. Nothing is configured by hand: scaling a stage up is starting another
+process that registers.
 
 An instance id belongs to the connection that registered it (its ZeroMQ routing id at the gateway's
 inbox) for as long as it heartbeats: a REGISTER or heartbeat for that id from another connection is
@@ -26,6 +30,7 @@ class Instance:
     load: Load = field(default_factory=Load)
     inflight: set[str] = field(default_factory=set)  # request ids this instance holds
     route: bytes = b""  # the connection that registered it (b"": not bound, in-process tests)
+    suspect: bool = False  # heartbeats late, not yet dead: no new work (see the module's docstring)
 
     @property
     def id(self) -> str:
@@ -40,9 +45,17 @@ class Instance:
 
 
 class Registry:
-    def __init__(self, model_name: str, timeout_s: float = 3.0, affinity_size: int = 100_000) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        timeout_s: float = 3.0,
+        affinity_size: int = 100_000,
+        suspect_after_s: float | None = None,
+    ) -> None:
+        """`suspect_after_s`: default half of `timeout_s` (three heartbeats at the default interval)."""
         self.model_name = model_name
         self.timeout_s = timeout_s
+        self.suspect_after_s = timeout_s / 2 if suspect_after_s is None else min(suspect_after_s, timeout_s)
         self.instances: dict[str, Instance] = {}
         self._encoded_at: OrderedDict[str, str] = OrderedDict()  # content hash -> encode instance id
         self._affinity_size = affinity_size
@@ -83,6 +96,7 @@ class Registry:
             return False
         inst.last_seen = time.monotonic()
         inst.load = load
+        inst.suspect = False
         return True
 
     def expired(self) -> list[Instance]:
@@ -93,6 +107,16 @@ class Registry:
             del self.instances[inst.id]
         return dead
 
+    def newly_suspect(self) -> list[Instance]:
+        """Mark and return the live instances whose heartbeats have just become late."""
+        now = time.monotonic()
+        late = [
+            i for i in self.instances.values() if not i.suspect and now - i.last_seen > self.suspect_after_s
+        ]
+        for inst in late:
+            inst.suspect = True
+        return late
+
     def remove(self, instance_id: str) -> Instance | None:
         return self.instances.pop(instance_id, None)
 
@@ -100,8 +124,10 @@ class Registry:
         return [i for i in self.instances.values() if i.has(role)]
 
     def least_loaded(self, role: str) -> Instance | None:
-        """By requests the gateway has placed there, then by the queue the instance reported."""
+        """By requests the gateway has placed there, then by the queue the instance reported; a suspect
+        instance only when every instance of the role is suspect."""
         candidates = self.with_role(role)
+        candidates = [i for i in candidates if not i.suspect] or candidates
         if not candidates:
             return None
         return min(candidates, key=lambda i: (len(i.inflight), i.load.waiting + i.load.encode_queue, i.id))
@@ -110,7 +136,7 @@ class Registry:
         """Cache affinity first (an instance that encoded one of these items), then load."""
         for h in hashes:
             owner = self.instances.get(self._encoded_at.get(h, ""))
-            if owner is not None and owner.has("E"):
+            if owner is not None and owner.has("E") and not owner.suspect:
                 return owner
         return self.least_loaded("E")
 

@@ -61,99 +61,18 @@ class Host:
     def start(self) -> None:
         import torch
 
-        from common.dataplane import create_dataplane, resolve_backend
-        from services.engine.config import EngineConfig
-        from services.engine.engine import Engine
-        from services.models.loader import load_model
+        from services.roles import build_roles
 
         c = self.config
         if c.threads:
             torch.set_num_threads(c.threads)
         self.io.start()
-        model = load_model(c.model_dir, device=c.device, dtype=c.dtype, roles=c.roles)
-        self.model = model
-        fam = model.family
-        backend = resolve_backend(c.dataplane, same_host=True, device=c.device)
-        where = {"device": c.device} if backend == "torchdist" else {}  # its library follows the device
-        self.dataplane = create_dataplane(
-            backend, host=c.bind_host, advertise_host=c.advertise_host, keys=c.keys, **where
-        )
-        roles = c.roles
-        if "P" in roles or "D" in roles:
-            ecfg = EngineConfig(
-                kv_cache_memory=c.kv_cache_memory, gpu_memory_utilization=c.gpu_memory_utilization,
-                max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-                max_model_len=c.max_model_len, attention_backend=c.attention_backend,
-                enforce_eager=c.enforce_eager, swap_space_bytes=c.swap_space_bytes,
-            )  # fmt: skip
-            kv_buffer = None
-            decode_only = "D" in roles and "P" not in roles
-            staged = self._stages_kv()
-            if decode_only and not staged and c.device == "cpu":  # the pool lives in data-plane memory
-                from services.engine.memory import size_kv_pool
-
-                nbytes = size_kv_pool(fam, ecfg).nbytes  # the engine takes its size from the buffer
-                kv_buffer = torch.frombuffer(self.dataplane.allocate("kv", nbytes), dtype=torch.uint8)
-            prefill_only = "P" in roles and "D" not in roles
-            self.engine = Engine(
-                fam, model.eos_token_ids, ecfg, prefill_only=prefill_only, kv_buffer=kv_buffer
-            )
-            if decode_only and not staged and kv_buffer is None:  # a device pool the plane writes itself
-                self.dataplane.register("kv", self.engine.kv.pool)
-        if "P" in roles:
-            from services.prefill.worker import PrefillWorker
-
-            # Each layer's KV leaves while the next computes when the plane reads the device pool
-            # itself (cudaipc, torchdist on a GPU: copies on a side stream). Otherwise it leaves after
-            # the step, once the first token is sampled: on CPU a copy during the step takes a core
-            # from the prompt, and host copies of a device pool mid-step would stall the device queue.
-            self.prefill = PrefillWorker(
-                fam, self.engine, self.io, self.dataplane, decodes="D" in roles,
-                stream_kv_layers=self._moves_device_memory(),
-            )  # fmt: skip
-        elif "D" in roles:
-            from services.decode.kv_landing import InPlaceLanding, StagedLanding
-            from services.decode.worker import DecodeWorker
-
-            kv = self.engine.kv
-            if staged:
-                landing = StagedLanding(kv, self.dataplane, self._staging_blocks())
-                log.info("KV lands in a host staging area", staging_blocks=landing.num_blocks,
-                         pool_blocks=kv.num_blocks, device=str(kv.device))  # fmt: skip
-            else:
-                landing = InPlaceLanding(kv)
-            self.decode = DecodeWorker(self.engine, self.io, self.dataplane, landing=landing)
-        if "E" in roles:
-            from services.encode.worker import EncodeWorker
-
-            self.encode = EncodeWorker(
-                fam, self.io, self.dataplane, cache_bytes=c.encode_cache_bytes,
-                max_batch_items=c.max_encode_batch, local_prefill=self.prefill, local_id=c.instance_id,
-            )  # fmt: skip
+        built = build_roles(c, self.io)
+        self.model, self.dataplane, self.engine = built.model, built.dataplane, built.engine
+        self.encode, self.prefill, self.decode = built.encode, built.prefill, built.decode
         self.io.load = self.load
         self.handlers = self._handlers()
         self._register()
-
-    def _moves_device_memory(self) -> bool:
-        """Whether the data plane reads and writes this process's accelerator memory itself."""
-        kind = self.config.device.partition(":")[0]
-        return kind != "cpu" and kind in self.dataplane.devices
-
-    def _stages_kv(self) -> bool:
-        """Whether a decode pool is private memory fed through a host staging area: a device pool the
-        data plane cannot write (shm, tcp, mooncake and nixl here move host memory), or on request
-        (tests of that path on CPU)."""
-        c = self.config
-        if c.stage_kv is not None:
-            return c.stage_kv
-        return c.device != "cpu" and not self._moves_device_memory()
-
-    def _staging_blocks(self) -> int:
-        """Room for the prompts in flight: the larger of one whole context and four steps' worth of
-        prompt tokens, never more than the pool."""
-        e = self.engine
-        tokens = max(e.max_model_len, 4 * e.config.max_num_batched_tokens)
-        return min(e.kv.num_blocks, -(-tokens // e.kv.block_size) + 1)
 
     def info(self) -> InstanceInfo:
         c, e = self.config, self.engine

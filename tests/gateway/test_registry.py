@@ -62,3 +62,38 @@ def test_a_new_process_under_a_known_id_replaces_the_old_one():
     reason, replaced = reg.admit(restarted)
     assert reason is None and replaced is not None and replaced.inflight == {"r"}
     assert reg.instances["d0"].inflight == set()  # what the old process held is not the new one's
+
+
+def test_a_late_instance_is_suspect_gets_no_new_work_and_keeps_what_it_holds():
+    reg = Registry("m", timeout_s=10.0, suspect_after_s=0.05)
+    for iid in ("d0", "d1"):
+        reg.admit(info(iid, "D"))
+    reg.instances["d0"].inflight.add("r")
+    reg.instances["d1"].inflight.update({"a", "b", "c"})
+    time.sleep(0.1)
+    reg.heartbeat("d1", Load())
+    assert [i.id for i in reg.newly_suspect()] == ["d0"]
+    assert reg.newly_suspect() == []  # reported once
+    assert reg.least_loaded("D").id == "d1"  # busier, but on time
+    assert reg.instances["d0"].inflight == {"r"} and not reg.expired()  # suspect is not dead
+    reg.heartbeat("d0", Load())
+    assert not reg.instances["d0"].suspect and reg.least_loaded("D").id == "d0"
+
+
+def test_when_every_instance_of_a_role_is_suspect_the_least_loaded_still_gets_work():
+    reg = Registry("m", timeout_s=10.0, suspect_after_s=0.05)
+    for iid in ("e0", "e1"):
+        reg.admit(info(iid, "E"))
+    reg.remember_encoded(["hash-1"], "e1")
+    time.sleep(0.1)
+    reg.heartbeat("e0", Load())
+    reg.newly_suspect()
+    assert reg.encoder_for(["hash-1"]).id == "e0"  # affinity never picks a suspect over a live one
+    time.sleep(0.1)
+    reg.newly_suspect()
+    assert reg.least_loaded("E") is not None
+
+
+def test_suspicion_never_comes_after_death():
+    assert Registry("m", timeout_s=1.0, suspect_after_s=5.0).suspect_after_s == 1.0
+    assert Registry("m", timeout_s=3.0).suspect_after_s == 1.5

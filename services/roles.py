@@ -1,0 +1,121 @@
+"""What one stage process builds for the roles it hosts: model parts, data plane, engine and workers.
+
+The choices that depend on the device and the data plane live here: where a decode-only KV pool lives
+(in data-plane memory on CPU, so the plane writes it in place; a registered device pool when the plane
+moves device memory; private memory fed through a host staging area otherwise), whether prefill sends
+each layer's KV while the next computes, and how the co-located roles hand work to each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from common.log import get_logger
+from services.host_config import HostConfig
+
+log = get_logger("epd.host")
+
+
+@dataclass(slots=True)
+class Roles:
+    model: Any
+    dataplane: Any
+    engine: Any = None  # prefill and decode share one engine
+    encode: Any = None
+    prefill: Any = None
+    decode: Any = None
+
+    def workers(self) -> list:
+        return [w for w in (self.encode, self.prefill, self.decode) if w is not None]
+
+
+def build_roles(c: HostConfig, io: Any) -> Roles:
+    import torch
+
+    from common.dataplane import create_dataplane, resolve_backend
+    from services.models.loader import load_model
+
+    model = load_model(c.model_dir, device=c.device, dtype=c.dtype, roles=c.roles)
+    backend = resolve_backend(c.dataplane, same_host=True, device=c.device)
+    where = {"device": c.device} if backend == "torchdist" else {}  # its library follows the device
+    dataplane = create_dataplane(
+        backend, host=c.bind_host, advertise_host=c.advertise_host, keys=c.keys, **where
+    )
+    built = Roles(model, dataplane)
+    fam, roles = model.family, c.roles
+    moves_device = _moves_device_memory(c, dataplane)
+    if "P" in roles or "D" in roles:
+        from services.engine.config import EngineConfig
+        from services.engine.engine import Engine
+
+        ecfg = EngineConfig(
+            kv_cache_memory=c.kv_cache_memory, gpu_memory_utilization=c.gpu_memory_utilization,
+            max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+            max_model_len=c.max_model_len, attention_backend=c.attention_backend,
+            enforce_eager=c.enforce_eager, swap_space_bytes=c.swap_space_bytes,
+        )  # fmt: skip
+        kv_buffer = None
+        decode_only = "D" in roles and "P" not in roles
+        staged = _stages_kv(c, moves_device)
+        if decode_only and not staged and c.device == "cpu":  # the pool lives in data-plane memory
+            from services.engine.memory import size_kv_pool
+
+            nbytes = size_kv_pool(fam, ecfg).nbytes  # the engine takes its size from the buffer
+            kv_buffer = torch.frombuffer(dataplane.allocate("kv", nbytes), dtype=torch.uint8)
+        prefill_only = "P" in roles and "D" not in roles
+        built.engine = Engine(fam, model.eos_token_ids, ecfg, prefill_only=prefill_only, kv_buffer=kv_buffer)
+        if decode_only and not staged and kv_buffer is None:  # a device pool the plane writes itself
+            dataplane.register("kv", built.engine.kv.pool)
+    if "P" in roles:
+        from services.prefill.worker import PrefillWorker
+
+        # Each layer's KV leaves while the next computes when the plane reads the device pool itself
+        # (cudaipc, torchdist on a GPU: copies on a side stream). Otherwise it leaves after the step,
+        # once the first token is sampled: on CPU a copy during the step takes a core from the prompt,
+        # and host copies of a device pool mid-step would stall the device queue.
+        built.prefill = PrefillWorker(
+            fam, built.engine, io, dataplane, decodes="D" in roles, stream_kv_layers=moves_device
+        )
+    elif "D" in roles:
+        from services.decode.kv_landing import InPlaceLanding, StagedLanding
+        from services.decode.worker import DecodeWorker
+
+        kv = built.engine.kv
+        if staged:
+            landing = StagedLanding(kv, dataplane, _staging_blocks(built.engine))
+            log.info("KV lands in a host staging area", staging_blocks=landing.num_blocks,
+                     pool_blocks=kv.num_blocks, device=str(kv.device))  # fmt: skip
+        else:
+            landing = InPlaceLanding(kv)
+        built.decode = DecodeWorker(built.engine, io, dataplane, landing=landing)
+    if "E" in roles:
+        from services.encode.worker import EncodeWorker
+
+        built.encode = EncodeWorker(
+            fam, io, dataplane, cache_bytes=c.encode_cache_bytes, max_batch_items=c.max_encode_batch,
+            local_prefill=built.prefill, local_id=c.instance_id,
+        )  # fmt: skip
+    return built
+
+
+def _moves_device_memory(c: HostConfig, dataplane: Any) -> bool:
+    """Whether the data plane reads and writes this process's accelerator memory itself."""
+    kind = c.device.partition(":")[0]
+    return kind != "cpu" and kind in dataplane.devices
+
+
+def _stages_kv(c: HostConfig, moves_device: bool) -> bool:
+    """Whether a decode pool is private memory fed through a host staging area: a device pool the data
+    plane cannot write (shm, tcp, mooncake and nixl here move host memory), or on request (tests of
+    that path on CPU)."""
+    if c.stage_kv is not None:
+        return c.stage_kv
+    return c.device != "cpu" and not moves_device
+
+
+def _staging_blocks(engine: Any) -> int:
+    """Room for the prompts in flight: the larger of one whole context and four steps' worth of prompt
+    tokens, never more than the pool."""
+    tokens = max(engine.max_model_len, 4 * engine.config.max_num_batched_tokens)
+    return min(engine.kv.num_blocks, -(-tokens // engine.kv.block_size) + 1)
