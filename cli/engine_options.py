@@ -75,6 +75,10 @@ def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels: auto (default: flex on CUDA, sdpa elsewhere), sdpa (SDPA "
                         "over gathered blocks, the reference), flex (FlexAttention over the block pool)")  # fmt: skip
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the KV of full blocks after a request ends and share it with later prompts "
+                        "that start the same way (a system prompt, the same image): their prefill "
+                        "skips those tokens (default on, as vLLM; --no-enable-prefix-caching: off)")  # fmt: skip
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps and no compiled attention kernels, for "
                         "debugging (default: graphs and compiled kernels where the device has them)")  # fmt: skip

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             stage_kv={"auto": None, "on": True, "off": False}[args.kv_staging],
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, swap_space_bytes=int(args.swap_space * 2**30),
-            threads=args.threads, keys=keys,
+            threads=args.threads, keys=keys, enable_prefix_caching=args.enable_prefix_caching,
         )  # fmt: skip
     except ValueError as exc:
         print(f"epd-serve serve: error: {exc}", file=sys.stderr)

@@ -54,6 +54,7 @@ def build_roles(c: HostConfig, io: Any) -> Roles:
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
             max_model_len=c.max_model_len, attention_backend=c.attention_backend,
             enforce_eager=c.enforce_eager, swap_space_bytes=c.swap_space_bytes,
+            enable_prefix_caching=c.enable_prefix_caching,
         )  # fmt: skip
         kv_buffer = None
         decode_only = "D" in roles and "P" not in roles

@@ -22,6 +22,9 @@ class EngineConfig:
     # host memory swapped-out KV may take, per engine (vLLM's `swap_space`); past it, preemption
     # recomputes (0: never swap). A decode stage cannot recompute: it fails the request instead
     swap_space_bytes: int = 4 << 30
+    # share the KV of full blocks between prompts with the same prefix (block_manager.py), as vLLM
+    # does by default; a decode-only engine never computes prompts and finds nothing to share
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -21,6 +21,7 @@ from services.engine.inputs import ModelInputs
 from services.engine.kv_cache import HostSwapper, KVCache
 from services.engine.memory import fit_max_model_len, kv_layout, size_kv_pool
 from services.engine.model_runner import LayerHook, ModelRunner
+from services.engine.prefix_hash import mm_starts
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -33,6 +34,7 @@ class RequestOutput:
     finish_reason: str | None = None
     logits: torch.Tensor | None = None  # [vocab] of the new token, when the engine keeps logits
     logprobs: Logprobs | None = None  # of the new token, when the request asked for them
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was admitted
 
 
 class StepError(RuntimeError):
@@ -76,7 +78,7 @@ class Engine:
             config.max_model_len, family.max_position_embeddings, usable * bs
         )
         self.kv = KVCache(self.layout, num_blocks, bs, device=family.device, buffer=kv_buffer)
-        self.block_manager = BlockManager(usable, bs)
+        self.block_manager = BlockManager(usable, bs, enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager,
             HostSwapper(self.kv),
@@ -99,10 +101,18 @@ class Engine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         inputs: ModelInputs | None = None,
+        mm_items: list[tuple[str, int]] = (),  # type: ignore[assignment]
     ) -> Sequence:
+        """`mm_items`: (content hash, placeholder count) of the prompt's images and videos in order,
+        when `inputs` carries their features: what the prefix cache keys their blocks by."""
         seq = Sequence(
             request_id, prompt_token_ids, params, model_inputs=inputs, prefill_only=self.prefill_only
         )
+        if inputs is not None and inputs.mm_token_indices:
+            if mm_items:
+                seq.mm_starts = mm_starts(inputs.mm_token_indices, list(mm_items))
+            else:  # features without their content keys: blocks of this prompt are not shared
+                seq.cacheable = False
         self.scheduler.add(seq)
         return seq
 
@@ -163,6 +173,9 @@ class Engine:
             k += 1
             reason = u.seq.finish_reason.value if u.finished and u.seq.finish_reason else None
             outputs.append(
-                RequestOutput(u.seq.request_id, [u.new_token], u.finished, reason, logits, logprobs)
+                RequestOutput(
+                    u.seq.request_id, [u.new_token], u.finished, reason, logits, logprobs,
+                    u.seq.num_cached_tokens,
+                )  # fmt: skip
             )
         return outputs

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common.detokenizer import IncrementalDetokenizer
+from common.hashing import content_hash
 from common.prompting import chat_prompt_ids
 from common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
@@ -26,6 +27,7 @@ from services.models.loader import LoadedModel, load_model
 class PreparedRequest:
     token_ids: list[int]
     inputs: ModelInputs
+    mm_items: list[tuple[str, int]] = field(default_factory=list)  # (content hash, tokens) per image
 
 
 @dataclass(slots=True)
@@ -67,12 +69,13 @@ class LLM:
             raise ValueError(f"the prompt takes {len(ids)} tokens; the model's context is {limit} tokens")
         features = self.family.encode(items)
         inputs = self.family.model_inputs(ids, [i.grid_thw for i in items], features)
-        return PreparedRequest(ids, inputs)
+        keys = [_image_key(img) for img in images]
+        return PreparedRequest(ids, inputs, list(zip(keys, counts, strict=True)))
 
     def submit(self, request: PreparedRequest, params: SamplingParams, request_id: str | None = None) -> str:
         request_id = request_id or f"req-{self._count}"
         self._count += 1
-        self.engine.add_request(request_id, request.token_ids, params, request.inputs)
+        self.engine.add_request(request_id, request.token_ids, params, request.inputs, request.mm_items)
         completion = Completion(request_id, "", [], "", len(request.token_ids))
         self._live[request_id] = (IncrementalDetokenizer(self.tokenizer, params.stop), completion)
         return request_id
@@ -110,3 +113,9 @@ class LLM:
     ) -> Completion:
         request_id = self.submit(self.prepare(prompt, images), params or SamplingParams())
         return next(c for c in self.run() if c.request_id == request_id)
+
+
+def _image_key(image: Any) -> str:
+    """A content key of a decoded image (the services key the file's bytes, which this path lacks)."""
+    head = f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode()
+    return content_hash(head + image.tobytes())

@@ -83,6 +83,7 @@ class Scheduler:
         writes the KV into `seq.block_table`. False, holding nothing, when the pool has no room now
         or swapped-out sequences wait for the blocks it would take."""
         self._check_new(seq)
+        seq.cacheable = False  # its KV is written by a data plane; its tokens here are stand-ins
         if self.swapped or not self._fits(seq, seq.num_prompt_tokens):
             return False
         self.bm.grow(seq, seq.num_prompt_tokens)
@@ -154,6 +155,7 @@ class Scheduler:
         for chunk in output.chunks:
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_tokens
+            self.bm.cache_blocks(seq)
             if not chunk.samples:
                 updates.append(SequenceUpdate(seq, None, False))
                 continue
@@ -233,10 +235,17 @@ class Scheduler:
         allow; returns the budget left."""
         while queue and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = queue[0]
+            cached = self._attach_cached_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self._fits(seq, seq.num_computed_tokens + n):
+                if cached:  # it waits holding nothing, as it came
+                    self.bm.free(seq)
+                    seq.num_computed_tokens = 0
                 break
             del queue[0]
+            if seq.status is SequenceStatus.WAITING and not seq.num_output_tokens:
+                self.bm.query_tokens += seq.num_prompt_tokens
+                self.bm.hit_tokens += seq.num_computed_tokens
             if seq.status is SequenceStatus.SWAPPED:
                 self.bm.grow(seq, seq.num_computed_tokens)
                 self.swapper.swap_in(seq)
@@ -245,6 +254,19 @@ class Scheduler:
             chunks.append(self._take(seq, n))
             budget -= n
         return budget
+
+    def _attach_cached_prefix(self, seq: Sequence) -> bool:
+        """Start a prompt about to be computed from scratch at the end of its longest cached prefix."""
+        if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
+            return False
+        blocks = self.bm.cached_prefix(seq)
+        if not blocks:
+            return False
+        self.bm.attach(seq, blocks)
+        seq.num_computed_tokens = len(blocks) * self.bm.block_size
+        if not seq.num_output_tokens:  # what the response reports: its first admission's hit
+            seq.num_cached_tokens = seq.num_computed_tokens
+        return True
 
     @property
     def num_swapped_blocks(self) -> int:

@@ -71,6 +71,15 @@ class Sequence:
         self.sampling_cache: Any = None  # the sampler's copy of the prompt ids on the device (penalties)
         # False when the prompt's KV came from a remote prefill: nothing here to recompute it from
         self.recomputable = True
+        # prefix caching (block_manager.py): whether its blocks may be shared (False for KV written by
+        # a data plane, whose tokens are not all known here), where its multimodal items start
+        # ((index, content hash), sorted), its blocks' content keys, how many of its blocks are
+        # registered in the cache, and how many prompt tokens it found there when first admitted
+        self.cacheable = True
+        self.mm_starts: list[tuple[int, str]] = []
+        self.block_keys: list[bytes] = []
+        self.num_registered_blocks = 0
+        self.num_cached_tokens = 0
         self.arrival = next(_arrival)
 
     @property

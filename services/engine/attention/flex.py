@@ -3,9 +3,10 @@
 The keys of a layer are its whole pool seen as one long sequence (`[1, KVH, blocks * block_size, D]`, a
 view: nothing is copied). Which keys a row may see is said twice, coarsely and exactly:
   - a block mask (`BlockMask.from_kv_blocks`) lists the pool blocks a query tile must visit;
-  - a mask function says, per (row, key slot): the slot's block belongs to the row's sequence (the block
-    owner table: blocks have one owner while there is no prefix sharing) and its position in the
-    sequence is not after the row's (causality).
+  - a mask function says, per (row, key slot): the slot's block is in the row's sequence (the step's
+    block tables, looked up at the block's index within a sequence: with prefix caching a block may
+    belong to several sequences, always at the same index, since only whole prefix blocks are shared)
+    and its position in the sequence is not after the row's (causality).
 The step runs as two calls:
   - decode rows, one per sequence, each its own batch entry (`[B, H, 1, D]` over the pool expanded
     along the batch, stride 0): each entry's block list is exactly its sequence's blocks, so a decode
@@ -34,7 +35,6 @@ from services.engine.kv_cache import KVCache
 Q_BLOCK = 16  # the smallest bucket, and the prefill tile on CPU
 _CUDA_Q_BLOCK = 64  # the prefill tile on CUDA: query rows per kernel block (Triton's BLOCK_M)
 _DECODE_Q_BLOCK = 128  # the decode part's one query tile: any multiple of the kernel's GQA packing
-_PAD = -2  # sequence id of padding rows: they own the scratch block (free blocks are owned by -1)
 
 _compiled: Any = None
 
@@ -94,9 +94,12 @@ class FlexBackend(AttentionBackend):
         groups = -(-max_prefill // self.q_block)
         per_seq = -(-max_model_len // bs)
         i32 = {"dtype": torch.int32, "device": device}
-        self._owner = torch.full((nb,), -1, **i32)
-        self._logical = torch.zeros(nb, **i32)
-        self._d_seq = torch.full((max_decodes,), _PAD, **i32)
+        # the step's block tables ([chunk, index in its sequence] -> block, -1 past its context), and a
+        # last row for padding rows: they see the scratch block's first slot
+        self._pad_row = max_num_seqs
+        self._tables = torch.full((max_num_seqs + 1, per_seq), -1, **i32)
+        self._logical = torch.zeros(nb, **i32)  # a block's index within the sequences holding it
+        self._d_seq = torch.full((max_decodes,), self._pad_row, **i32)
         self._d_pos = torch.zeros(max_decodes, **i32)
         self._d_num = torch.zeros(max_decodes, **i32)
         # block lists: a sequence's blocks (decode), a tile's (prefill); inductor's CPU kernel wants
@@ -107,7 +110,7 @@ class FlexBackend(AttentionBackend):
         # the lists of such blocks (torch 2.13)
         self._no_full = torch.zeros(max_decodes, **i32) if cpu else None
         self._no_full_blocks = torch.zeros(max_decodes, 1, **i32) if cpu else None
-        self._p_seq = torch.full((max_prefill,), _PAD, **i32)
+        self._p_seq = torch.full((max_prefill,), self._pad_row, **i32)
         self._p_pos = torch.zeros(max_prefill, **i32)
         self._p_num = torch.zeros(groups, **i32)
         self._p_blocks = torch.zeros(groups, nb if cpu else min(nb, self.q_block * per_seq), **i32)
@@ -126,23 +129,25 @@ class FlexBackend(AttentionBackend):
         table = layout.block_table  # [C, W]
         cols = torch.arange(table.shape[1])
 
-        # who owns each block of the step, and where in its sequence the block sits
+        # each sequence's blocks of the step, and where in its sequence each block sits
         starts = torch.tensor(layout.chunk_starts, dtype=torch.long)
         context = starts + torch.tensor(layout.chunk_lens, dtype=torch.long)
         used = cols[None, :] < (-(-context // bs))[:, None]  # [C, W]
         blocks = table[used].to(dev, non_blocking=True)
-        self._owner.fill_(-1)
-        self._owner[blocks] = torch.arange(layout.num_chunks)[:, None].expand_as(table)[used].to(self._owner)
         self._logical[blocks] = cols[None, :].expand_as(table)[used].to(self._logical)
-        self._owner[-1] = _PAD  # padding rows own the scratch block (and see its first slot)
         self._logical[-1] = 0
+        tables = torch.full((self._tables.shape[0], table.shape[1]), -1, dtype=torch.long)
+        tables[: layout.num_chunks] = torch.where(used, table, -1)
+        tables[self._pad_row, 0] = self.kv.num_blocks - 1  # padding rows see the scratch block
+        self._tables[:, : table.shape[1]].copy_(tables, non_blocking=True)
+        self._tables[:, table.shape[1] :].fill_(-1)
 
         b, db = layout.num_decodes, layout.decode_rows
         pr = layout.padded_tokens - db
         if db:
             pos = torch.zeros(db, dtype=torch.long)
             pos[:b] = starts[:b]
-            seq = torch.full((db,), _PAD, dtype=torch.long)
+            seq = torch.full((db,), self._pad_row, dtype=torch.long)
             seq[:b] = torch.arange(b)
             # padding entries see the scratch block's first slot: no row is ever fully masked (the one
             # case where kernels disagree: zeros, or NaN that a later layer would spread)
@@ -186,18 +191,18 @@ class FlexBackend(AttentionBackend):
         counts = (counts + 1).clamp(max=rows.shape[1])
         self._p_blocks[:groups, : rows.shape[1]].copy_(rows.clamp(min=0), non_blocking=True)
         self._p_num[:groups].copy_(counts, non_blocking=True)
-        self._p_seq[:pr].copy_(torch.where(real, chunk, _PAD), non_blocking=True)
+        self._p_seq[:pr].copy_(torch.where(real, chunk, self._pad_row), non_blocking=True)
         self._p_pos[:pr].copy_(pos, non_blocking=True)
 
     def _decode_mask(self, rows: int) -> BlockMask:
         mask = self._decode_masks.get(rows)
         if mask is None:
             bs = self.kv.block_size
-            owner, logical, seq, pos = self._owner, self._logical, self._d_seq, self._d_pos
+            tables, logical, seq, pos = self._tables, self._logical, self._d_seq, self._d_pos
 
             def own_context(b, h, q, kv):
-                block = kv // bs
-                return (owner[block] == seq[b]) & (logical[block] * bs + kv % bs <= pos[b])
+                block, index = kv // bs, logical[kv // bs]
+                return (tables[seq[b], index] == block) & (index * bs + kv % bs <= pos[b])
 
             full = (None, None)
             if self._no_full is not None:
@@ -214,11 +219,11 @@ class FlexBackend(AttentionBackend):
         mask = self._prefill_masks.get(rows)
         if mask is None:
             bs = self.kv.block_size
-            owner, logical, seq, pos = self._owner, self._logical, self._p_seq, self._p_pos
+            tables, logical, seq, pos = self._tables, self._logical, self._p_seq, self._p_pos
 
             def same_sequence_causal(b, h, q, kv):
-                block = kv // bs
-                return (owner[block] == seq[q]) & (logical[block] * bs + kv % bs <= pos[q])
+                block, index = kv // bs, logical[kv // bs]
+                return (tables[seq[q], index] == block) & (index * bs + kv % bs <= pos[q])
 
             groups = -(-rows // self.q_block)
             mask = BlockMask.from_kv_blocks(
