@@ -1,7 +1,8 @@
 """`epd-serve gateway`: the gateway alone; stage processes (`epd-serve serve`) join it by themselves.
 
 This is what a container deployment runs: one gateway service, and any number of encode, prefill and
-decode services pointed at its control address.
+decode services pointed at its control address. `epd-serve up` runs it as a child too, and starts it
+again when it exits (cli/gateway_process.py): stages rejoin a restarted gateway by themselves.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
                    help="folder clients may name local images from (repeatable)")  # fmt: skip
+    p.add_argument("--no-banner", action="store_true",
+                   help="do not print where to send requests once up (for a supervisor that prints its own)")  # fmt: skip
     add_api_key_argument(p)
     add_key_arguments(p)
     p.set_defaults(run=run)
@@ -38,6 +41,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import os
 
     from cli.key_options import resolve_keys
     from cli.stack import Stack, StackConfig
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from services.models.loader import ModelLoadError, read_model_type  # torch-free check
 
     configure_logging("gateway")
+    args.insecure = args.insecure or os.environ.get("EPD_INSECURE") == "1"  # a child of `up --insecure`
     keys = resolve_keys(args, "epd-serve gateway")
     try:
         read_model_type(args.model)
@@ -55,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
         model_dir=args.model, topology=None, host=args.host, port=args.port,
         control_host=args.control_host or args.host, control_port=args.control_port,
         max_model_len=args.max_model_len, allowed_local_media_dirs=args.allowed_local_media_path,
-        keys=keys, insecure=keys is None, api_key=api_key(args),
+        keys=keys, insecure=keys is None, api_key=api_key(args), banner=not args.no_banner,
     )  # fmt: skip
     return asyncio.run(Stack(config).serve_forever())

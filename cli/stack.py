@@ -1,6 +1,8 @@
-"""A whole stack in one object: the gateway in this process, stage processes as children.
+"""A whole stack in one object: the gateway, and stage processes as children.
 
-Used by `epd-serve up` and by the benchmarks (which bring topologies up and down in one run).
+The gateway runs in this process (`gateway_process` off: the benchmarks and tests, which bring
+topologies up and down in one run and reach `stack.cluster` directly), or as a supervised child of its
+own (`epd-serve up`: cli/gateway_process.py says why), restarted like the stages when it exits.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.gateway_process import GatewayProcess, loopback_if_wildcard
 from cli.placement import Placement, place
 from common.log import get_logger
 from common.stack_keys import ENV_DIR, ENV_PUBLIC, ENV_SECRET, StackKeys
@@ -47,6 +50,7 @@ class StackConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV per process; 0: never swap
+    enable_prefix_caching: bool = True
     threads: int = 1
     cpus: list[str] = field(default_factory=list)  # per process, in topology order
     allowed_local_media_dirs: list[str] = field(default_factory=list)
@@ -57,10 +61,14 @@ class StackConfig:
     keys: StackKeys | None = None
     insecure: bool = False
     api_key: str | None = None  # clients must send it as a Bearer token on /v1 routes
+    gateway_process: bool = False  # the gateway as a supervised child (`up`), not in this process
+    banner: bool = True  # serve_forever prints where to send requests (off: a supervisor prints it)
 
     def __post_init__(self) -> None:
         if self.keys is None and not self.insecure:
             self.keys = StackKeys.generate()
+        if self.gateway_process and self.topology is None:
+            raise ValueError("a gateway child is started for a topology (the gateway alone runs here)")
 
 
 def build_tiny_model() -> str:
@@ -98,6 +106,8 @@ class Stack:
         self.envs = [{**os.environ, **p.env, **self._key_env()} for p in self.placements]
         self.cluster = None
         self.runner = None
+        self.gateway: GatewayProcess | None = None  # with `gateway_process`
+        self.stopping = False
         self._supervisor: asyncio.Task | None = None
 
     def _key_env(self) -> dict[str, str]:
@@ -105,7 +115,31 @@ class Stack:
         keys = self.config.keys
         if keys is None:
             return {"EPD_INSECURE": "1"}
-        return {ENV_PUBLIC: keys.public.decode(), ENV_SECRET: keys.secret.decode(), ENV_DIR: ""}
+        public, secret = keys.public.decode(), keys.secret.decode()
+        return {ENV_PUBLIC: public, ENV_SECRET: secret, ENV_DIR: "", "EPD_INSECURE": ""}
+
+    @property
+    def control_host(self) -> str:
+        c = self.config
+        return c.control_host or loopback_if_wildcard(c.host)
+
+    @property
+    def control_address(self) -> str:
+        """Where stage processes register (the in-process cluster's bound endpoint, or the child's)."""
+        if self.gateway is not None:
+            return self.gateway.control_address
+        return self.cluster.address if self.cluster is not None else ""
+
+    @property
+    def port(self) -> int:
+        return self.gateway.port if self.gateway is not None else self.config.port
+
+    def gateway_child(self) -> GatewayProcess:
+        """The gateway child of this stack, its ports fixed now: every restart binds the same ones."""
+        return GatewayProcess.for_stack(
+            self.config, self.control_host, self._key_env(),
+            spawn=lambda cmd, env: subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent),  # noqa: PLW1509
+        )  # fmt: skip
 
     def serve_command(self, index: int, roles: str, gateway: str) -> list[str]:
         """The `epd-serve serve` command of process `index` (its device comes from its placement)."""
@@ -124,6 +158,8 @@ class Stack:
         ]  # fmt: skip
         if c.enforce_eager:
             cmd.append("--enforce-eager")
+        if not c.enable_prefix_caching:
+            cmd.append("--no-enable-prefix-caching")
         if c.kv_staging != "auto":
             cmd += ["--kv-staging", c.kv_staging]
         if c.dtype:
@@ -135,16 +171,21 @@ class Stack:
         return cmd
 
     async def start(self, http: bool = True) -> None:
-        """Start the cluster and the stage processes; with `http`, the OpenAI gateway too."""
+        """Start the cluster and the stage processes; with `http`, the OpenAI gateway too. With
+        `gateway_process` the gateway is a child, started (and answering) before the stages."""
+        c = self.config
+        if c.gateway_process:
+            self.gateway = self.gateway_child()
+            self.gateway.start()
+            await self.gateway.wait_answering(c.ready_timeout)
+            return await self._start_stages()
         from gateway.cluster import Cluster
 
-        c = self.config
         max_len = c.max_model_len or model_max_len(c.model_dir)
-        ctrl_host = c.control_host or (c.host if c.host not in ("0.0.0.0", "::") else "127.0.0.1")
         self.cluster = Cluster(
             Path(c.model_dir).resolve().name,
             max_len,
-            f"tcp://{ctrl_host}:{c.control_port or '*'}",
+            f"tcp://{self.control_host}:{c.control_port or '*'}",
             keys=c.keys,
         )
         await self.cluster.start()
@@ -165,20 +206,25 @@ class Stack:
 
     async def _start_stages(self) -> None:
         c = self.config
-        assert self.cluster is not None and c.topology is not None
+        backend = self.gateway or self.cluster
+        assert backend is not None and c.topology is not None
         for i, roles in enumerate(c.topology.processes()):
             where = self.placements[i]
-            self.commands.append(self.serve_command(i, roles, self.cluster.address))
+            self.commands.append(self.serve_command(i, roles, self.control_address))
             log.info("placing stage process", index=i, roles=roles, on=where.describe())
             self.children.append(self._spawn(i))
         t0 = time.monotonic()
-        ready = asyncio.create_task(self.cluster.wait_for(c.topology.role_counts(), c.ready_timeout))
+        ready = asyncio.create_task(backend.wait_for(c.topology.role_counts(), c.ready_timeout))
         while not ready.done():
             await asyncio.sleep(0.1)
             dead = [i for i, p in enumerate(self.children) if p is not None and p.poll() is not None]
             if dead:
                 ready.cancel()
                 raise RuntimeError(f"stage process {self.commands[dead[0]][5]} exited during start-up")
+            code = self.gateway.exit_code() if self.gateway is not None else None
+            if code is not None:
+                ready.cancel()
+                raise RuntimeError(f"the gateway process exited during start-up (exit code {code})")
         if not ready.result():
             raise RuntimeError(f"not every instance registered within {c.ready_timeout:.0f} s")
         self._supervisor = asyncio.create_task(self._supervise())
@@ -189,23 +235,33 @@ class Stack:
         return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
 
     async def _supervise(self) -> None:
+        """Start again whatever exited (unless stopping): stages rejoin the gateway by registering,
+        a restarted gateway is rejoined by the stages (their heartbeats are answered "register again")."""
         while True:
             await asyncio.sleep(0.5)
+            if self.stopping or not self.config.restart:
+                continue
             for i, p in enumerate(self.children):
-                if p is not None and p.poll() is not None and self.config.restart:
+                if p is not None and p.poll() is not None:
                     log.warning("stage process exited; starting it again", index=i, code=p.returncode)
                     self.children[i] = self._spawn(i)
+            code = self.gateway.restart_if_exited() if self.gateway is not None else None
+            if code is not None:
+                log.warning("gateway process exited; started it again on the same ports", code=code)
 
     async def stop(self) -> None:
+        self.stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.gateway is not None:
+            self.gateway.terminate()
         for p in self.children:
             if p is not None and p.poll() is None:
                 p.terminate()
         deadline = time.monotonic() + 10
-        for p in self.children:
+        for p in [*self.children, self.gateway.proc if self.gateway is not None else None]:
             if p is None:
                 continue
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -219,24 +275,25 @@ class Stack:
     async def serve_forever(self) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # nothing is restarted once a stop is asked for
+            loop.add_signal_handler(sig, lambda: (setattr(self, "stopping", True), stop.set()))
         try:
             await self.start()
         except Exception as exc:
             print(f"epd-serve up: error: {exc}", file=sys.stderr)
             await self.stop()
             return 1
-        c = self.config
-        url = f"http://{c.host}:{c.port}/v1"
-        print(
-            f"EPD-Serve is up: topology {c.topology or 'none yet (instances join)'}, model {Path(c.model_dir).name}\n"
-            f"  OpenAI API:   {url}   (model name: {Path(c.model_dir).resolve().name})\n"
-            f"  health:       http://{c.host}:{c.port}/health   metrics: http://{c.host}:{c.port}/metrics\n"
-            f"  stage control: {self.cluster.address}   (epd-serve serve --gateway ... adds instances)\n"
-            f"Press Ctrl-C to stop.",
-            flush=True,
-        )
+        c, port = self.config, self.port
+        url = f"http://{c.host}:{port}/v1"
+        if c.banner:
+            print(
+                f"EPD-Serve is up: topology {c.topology or 'none yet (instances join)'}, model {Path(c.model_dir).name}\n"
+                f"  OpenAI API:   {url}   (model name: {Path(c.model_dir).resolve().name})\n"
+                f"  health:       http://{c.host}:{port}/health   metrics: http://{c.host}:{port}/metrics\n"
+                f"  stage control: {self.control_address}   (epd-serve serve --gateway ... adds instances)\n"
+                f"Press Ctrl-C to stop.",
+                flush=True,
+            )
         await stop.wait()
         await self.stop()
         return 0

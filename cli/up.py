@@ -1,10 +1,12 @@
 """`epd-serve up`: the whole stack on this machine, gateway plus one process per topology entry.
 
-The gateway runs in this process (it never imports torch); every stage process is a child started as
-`epd-serve serve ...`, exactly the command a compose file runs. Children die with this process (even
-if it is killed with -9: they ask the kernel for a signal when their parent dies), and a child that
-exits unexpectedly is started again, so a crashed instance rejoins by itself. On accelerators each
-child sees only the device it is placed on (`--devices`, `--devices-for`: cli/placement.py).
+This process only supervises: the gateway is a child started as `epd-serve gateway ...` and every
+stage process a child started as `epd-serve serve ...`, exactly the commands a compose file runs.
+Children die with this process (even if it is killed with -9: they ask the kernel for a signal when
+their parent dies), and a child that exits unexpectedly is started again: a crashed instance rejoins
+by itself, and a crashed gateway comes back on the same ports with the same keys, where the running
+stages rejoin it (cli/gateway_process.py). On accelerators each child sees only the device it is
+placed on (`--devices`, `--devices-for`: cli/placement.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--control-port", type=int, default=0, help="gateway control port (default: any free)")
+    p.add_argument("--control-port", type=int, default=0,
+                   help="gateway control port (default: a free one, kept over gateway restarts)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, npu (which ones: --devices)")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: float32 on cpu, else bfloat16)")
     add_engine_arguments(p, stack=True)
@@ -54,7 +57,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
                    help="folder clients may name local images from (repeatable; default: none)")  # fmt: skip
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for registration")
-    p.add_argument("--no-restart", action="store_true", help="do not restart a stage process that exits")
+    p.add_argument("--no-restart", action="store_true",
+                   help="do not restart a stage process or the gateway when it exits")  # fmt: skip
     add_api_key_argument(p)
     add_key_arguments(p, generates=True)
     p.set_defaults(run=run)
@@ -100,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
         kv_staging=args.kv_staging,
         devices=args.devices, devices_for=args.devices_for, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        swap_space=args.swap_space, threads=args.threads or max(1, cores // n), cpus=cpus,
+        swap_space=args.swap_space, enable_prefix_caching=args.enable_prefix_caching, threads=args.threads or max(1, cores // n), cpus=cpus,
         allowed_local_media_dirs=args.allowed_local_media_path, ready_timeout=args.ready_timeout,
         restart=not args.no_restart, keys=keys, insecure=keys is None, api_key=api_key(args),
+        gateway_process=True,
     )  # fmt: skip
     return asyncio.run(Stack(config).serve_forever())

@@ -70,6 +70,7 @@ class StackOptions:
     devices_for: list[tuple[str, list[int]]] = field(default_factory=list)  # (roles, indices)
     max_num_seqs: int = 64
     swap_space: float = 4.0  # GiB per process
+    enable_prefix_caching: bool = True
     ready_timeout: float = 180.0
 
 
@@ -140,7 +141,8 @@ async def topology_server(topology: str, options: StackOptions) -> AsyncIterator
         gpu_memory_utilization=options.gpu_memory_utilization, attention_backend=options.attention_backend,
         enforce_eager=options.enforce_eager, kv_staging=options.kv_staging, devices=options.devices,
         devices_for=applicable(options.devices_for, topo.processes()),
-        max_num_seqs=options.max_num_seqs, swap_space=options.swap_space, threads=options.threads or max(1, (os.cpu_count() or 1) // n),
+        max_num_seqs=options.max_num_seqs, swap_space=options.swap_space,
+        enable_prefix_caching=options.enable_prefix_caching, threads=options.threads or max(1, (os.cpu_count() or 1) // n),
         cpus=_cpus_for(options, n), ready_timeout=options.ready_timeout, restart=False,
     )  # fmt: skip
     stack = Stack(config)

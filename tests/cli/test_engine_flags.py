@@ -148,3 +148,22 @@ def test_swap_space_reaches_every_stage_process_and_its_engine(monkeypatch):
     )
     args.run(args)
     assert seen[1].swap_space_bytes == 4 * 2**30
+
+
+def test_prefix_caching_is_on_by_default_and_the_switch_reaches_every_engine(monkeypatch):
+    off = Stack(StackConfig("model", parse_topology("E1 P1 D1"), enable_prefix_caching=False))
+    assert [serve_args(off, i).enable_prefix_caching for i in range(3)] == [False] * 3
+    on = Stack(StackConfig("model", parse_topology("EPD1")))
+    assert serve_args(on, 0).enable_prefix_caching is True
+    assert build_parser().parse_args(["up"]).enable_prefix_caching is True
+    assert build_parser().parse_args(["bench", "--no-enable-prefix-caching"]).enable_prefix_caching is False
+
+    import services.host
+
+    seen = []
+    monkeypatch.setattr(services.host, "serve", lambda config: seen.append(config) or 0)
+    base = ["serve", "--roles", "P", "--gateway", "tcp://127.0.0.1:1", "--model", "m", "--insecure"]
+    for extra in ([], ["--no-enable-prefix-caching"]):
+        args = build_parser().parse_args(base + extra)
+        assert args.run(args) == 0
+    assert [c.enable_prefix_caching for c in seen] == [True, False]
