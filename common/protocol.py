@@ -19,6 +19,7 @@ import msgspec
 
 from common.logprobs import Logprobs
 from common.sampling_params import SamplingParams
+from common.stage_histograms import PhaseSnapshot
 
 PROTOCOL_VERSION = 1
 
@@ -67,6 +68,11 @@ class Load(msgspec.Struct, kw_only=True, omit_defaults=True):
     total_kv_blocks: int = 0
     transfer_bytes: int = 0  # data plane, sent + received, since start
     transfer_seconds: float = 0.0
+    # latency histograms of this process's phases since start (common/stage_histograms.py); only the
+    # phases observed at least once; the gateway checks them before use
+    phases: dict[str, PhaseSnapshot] = {}
+    cache_hits: dict[str, int] = {}  # encoder cache, by modality ("image", ...), since start
+    cache_misses: dict[str, int] = {}
 
 
 class Heartbeat(Msg):
@@ -77,9 +83,29 @@ class Heartbeat(Msg):
 # ---- encode ---------------------------------------------------------------------------------------
 
 
+MM_KINDS = ("image", "video")
+
+
+class VideoSettings(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How the gateway planned a video's frames (common.video_sampling.VideoSampling, whose defaults
+    these are); the encoder samples with exactly these, so its grid is the one the prompt counted.
+    The patch geometry is the model's own and does not travel. `num_frames` 0: sample by `fps`."""
+
+    fps: float = 2.0
+    num_frames: int = 0
+    min_frames: int = 4
+    max_frames: int = 768
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    cap_pixels_per_frame: bool = False
+    max_video_tokens: int = 128000
+
+
 class MMItem(msgspec.Struct, kw_only=True):
-    hash: str  # content hash of the item's bytes (common.hashing)
-    frame: int = -1  # index of the raw frame with the encoded image; -1: the encoder holds it already
+    hash: str  # the embedding-cache key (common.hashing; for a video, its bytes and its settings)
+    frame: int = -1  # index of the raw frame with the encoded media; -1: the encoder holds it already
+    kind: str = "image"  # one of MM_KINDS
+    video: VideoSettings | None = None  # with kind "video"
 
 
 class Encode(Msg):
@@ -116,6 +142,8 @@ class MMRef(msgspec.Struct, kw_only=True):
     hash: str
     grid_thw: tuple[int, int, int]
     num_tokens: int
+    kind: str = "image"  # one of MM_KINDS: which placeholder token its run in token_ids uses
+    second_per_grid_t: float = 0.0  # a video's seconds per temporal patch (Qwen2.5-VL's M-RoPE)
 
 
 class Prefill(Msg):
@@ -172,6 +200,7 @@ class FirstToken(Msg):
     finished: bool = False
     finish_reason: str | None = None
     logprobs: Logprobs | None = None  # of token_id, when the request asked for logprobs
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class TokenUpdate(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=True):

@@ -18,6 +18,7 @@ import io
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import av
 import numpy as np
@@ -72,12 +73,39 @@ class PreparedVideo:
     second_per_grid_t: float
 
 
+@dataclass(frozen=True, slots=True)
+class VideoProbe:
+    """What the frame plan needs, read without decoding the video: its frame count and rate, and the
+    size of its frames once upright (the first frame's, which every sampled frame is converted to)."""
+
+    total_frames: int
+    video_fps: float
+    width: int
+    height: int
+
+
 def decode_video(
     data: bytes, *, sampling: VideoSampling | None = None, limits: VideoLimits | None = None
 ) -> DecodedVideo:
     """Decode video bytes and keep the frames `sampling` picks (Qwen2-VL's rule, at 2 fps by default)."""
     sampling = sampling or VideoSampling()
-    limits = limits or VideoLimits()
+    return _with_container(data, limits or VideoLimits(), lambda c, lim: _decode(c, sampling, lim))
+
+
+def probe_video(data: bytes, *, limits: VideoLimits | None = None) -> VideoProbe:
+    """Every check `decode_video` makes before decoding, then the first frame only.
+
+    The gateway plans the frames and counts the tokens from this (milliseconds for a short clip),
+    leaving the decoding of the sampled frames to the encoder. Decoding the first frame proves the
+    stream decodes at all and gives the size after the display rotation.
+    """
+    return _with_container(data, limits or VideoLimits(), _probe)
+
+
+def _with_container(data: bytes, limits: VideoLimits, run: Any) -> Any:
+    """Open `data` under the format and protocol whitelists and run `run(container, limits)`."""
+    if not data:
+        raise MediaError("the video is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise MediaError(f"video is {len(data)} bytes, limit is {limits.max_bytes}")
     try:
@@ -88,7 +116,7 @@ def decode_video(
         raise MediaError(f"cannot decode the video: {_reason(exc)}") from None
     try:
         with container:
-            return _decode(container, sampling, limits)
+            return run(container, limits)
     except av.FFmpegError as exc:
         raise MediaError(f"cannot decode the video: {_reason(exc)}") from None
 
@@ -150,15 +178,34 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-def _decode(
-    container: av.container.InputContainer, sampling: VideoSampling, limits: VideoLimits
-) -> DecodedVideo:
+def _scan(
+    container: av.container.InputContainer, limits: VideoLimits
+) -> tuple[av.VideoStream, list[av.Packet], float]:
+    """The video stream, its packets and frame rate, every limit checked: no pixel decoded yet."""
     stream = _video_stream(container)
     _check_header(container, stream, limits)
     packets = _demux(container, stream, limits)
     video_fps = _frame_rate(container, stream, len(packets))
     if len(packets) / video_fps > limits.max_seconds:
         raise MediaError(_too_long(len(packets) / video_fps, limits.max_seconds))
+    return stream, packets, video_fps
+
+
+def _probe(container: av.container.InputContainer, limits: VideoLimits) -> VideoProbe:
+    stream, packets, video_fps = _scan(container, limits)
+    first = next(_frames(stream, packets), None)
+    if first is None:
+        raise MediaError(f"cannot decode the video: it ends after 0 of {len(packets)} frames")
+    width, height = first.width, first.height
+    if round(first.rotation / 90) % 2:  # a quarter turn swaps the sides
+        width, height = height, width
+    return VideoProbe(len(packets), video_fps, width, height)
+
+
+def _decode(
+    container: av.container.InputContainer, sampling: VideoSampling, limits: VideoLimits
+) -> DecodedVideo:
+    stream, packets, video_fps = _scan(container, limits)
     try:
         indices = sampling.sample_frames(len(packets), video_fps)
     except ValueError as exc:  # a fixed num_frames larger than the video

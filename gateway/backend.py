@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from common.logprobs import Logprobs
+from common.protocol import VideoSettings
 from common.sampling_params import SamplingParams
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -38,21 +39,24 @@ FINISH_REASONS = ("stop", "length", "abort")
 
 @dataclass(slots=True)
 class ImageInput:
-    """One validated image of a request, in prompt order."""
+    """One validated image or video of a request, in prompt order (`kind` says which)."""
 
-    hash: str  # common.hashing.content_hash(data): the embedding-cache key
-    data: bytes  # the encoded image (PNG, JPEG, ...) exactly as received, for the encoder to decode
-    width: int  # pixels, after the EXIF orientation is applied
+    hash: str  # the embedding-cache key: content_hash(data); a video's covers its settings too
+    data: bytes  # the encoded image (PNG, JPEG, ...) or video (MP4, ...) exactly as received
+    width: int  # pixels, after the EXIF orientation (a video: its display rotation) is applied
     height: int
-    grid_thw: tuple[int, int, int]  # the patch grid the image processor will make (VisionGeometry.grid)
+    grid_thw: tuple[int, int, int]  # the patch grid the encoder will make (VisionGeometry.grid, video_plan)
     num_tokens: int  # placeholder tokens it takes in `token_ids`
+    kind: str = "image"  # "image" or "video"
+    second_per_grid_t: float = 0.0  # a video's seconds per temporal patch (Qwen2.5-VL's M-RoPE)
+    video: VideoSettings | None = None  # the sampling a video was planned with, for the encoder
 
 
 @dataclass(slots=True)
 class GenerateRequest:
     request_id: str  # "chatcmpl-<hex>" or "cmpl-<hex>", unique per request
     token_ids: list[int]  # the prompt, every image placeholder already expanded to its num_tokens copies
-    images: list[ImageInput]  # in prompt order
+    images: list[ImageInput]  # images and videos, in prompt order
     params: SamplingParams  # max_tokens already fits in max_model_len
 
 
@@ -62,6 +66,7 @@ class TokenEvent:
     finished: bool = False
     finish_reason: str | None = None  # with finished: "stop" (EOS / stop token) | "length" | "abort"
     logprobs: Logprobs | None = None  # of token_ids, in order, when the request asked for logprobs
+    num_cached_tokens: int = 0  # with the first token: prompt tokens served from the prefix cache
 
 
 class BackendError(Exception):

@@ -178,7 +178,10 @@ class Cluster:
             )  # fmt: skip
         if encode is not None:
             self.flights.hold(flight, encode, "E", rid)
-            items = [MMItem(hash=img.hash, frame=i) for i, img in enumerate(req.images)]
+            items = [
+                MMItem(hash=img.hash, frame=i, kind=img.kind, video=img.video)
+                for i, img in enumerate(req.images)
+            ]
             msg = Encode(
                 request_id=rid, items=items, prefill_id=prefill.id, prefill_address=prefill.address,
                 prefill_dataplane=prefill.info.dataplane,
@@ -186,7 +189,13 @@ class Cluster:
             self.mailbox.send(encode.address, msg, [img.data for img in req.images])
             reg.remember_encoded(hashes, encode.id)
         self.flights.hold(flight, prefill, "P", rid)
-        mm = [MMRef(hash=i.hash, grid_thw=tuple(i.grid_thw), num_tokens=i.num_tokens) for i in req.images]
+        mm = [
+            MMRef(
+                hash=i.hash, grid_thw=tuple(i.grid_thw), num_tokens=i.num_tokens, kind=i.kind,
+                second_per_grid_t=i.second_per_grid_t,
+            )
+            for i in req.images
+        ]  # fmt: skip
         self.mailbox.send(
             prefill.address,
             Prefill(
@@ -245,7 +254,9 @@ class Cluster:
             self.timings.first_token(flight.clock)
             if msg.finished and flight.holders:
                 self._send_abort(msg.request_id, flight)  # decode reserved blocks it will not need
-            event = TokenEvent([msg.token_id], msg.finished, msg.finish_reason, msg.logprobs)
+            event = TokenEvent(
+                [msg.token_id], msg.finished, msg.finish_reason, msg.logprobs, msg.num_cached_tokens
+            )
             flight.queue.put_nowait(event)
         elif isinstance(msg, Tokens):
             for u in msg.updates:

@@ -1,8 +1,8 @@
 """Settings of the gateway's HTTP layer, checked once at start-up.
 
 Every limit that protects the gateway from a client lives here with a safe default: requests come from
-the network, so anything unbounded (image bytes, pixels, image count, body size, wall time) is a way to
-exhaust the process. Local image files are refused unless the operator names the folders they may come
+the network, so anything unbounded (image and video bytes, pixels, counts, a video's length, body size,
+wall time) is a way to exhaust the process. Local image files are refused unless the operator names the folders they may come
 from. Limits no deployment needs to tune (JSON nesting depth, the integer ranges the wire and the engine
 hold) are constants in `gateway.request_limits` and `common.sampling_params`.
 """
@@ -12,6 +12,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.video import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_FRAME_PIXELS,
+    DEFAULT_MAX_SECONDS,
+    DEFAULT_MAX_TOTAL_FRAMES,
+    VideoLimits,
+)
 
 MiB = 1024 * 1024
 
@@ -25,6 +33,14 @@ class GatewayConfig:
     max_images_per_request: int = 8
     max_image_bytes: int = 20 * MiB  # per image, encoded
     max_image_pixels: int = 4096 * 4096  # per image, width x height before any resize
+    # videos (common.video.VideoLimits): checked on the container's header and packets, before any
+    # frame is decoded; defaults are common.video's
+    max_videos_per_request: int = 2
+    # per video, encoded (32 MiB); a data URI must also fit in max_request_bytes (64 MiB holds 48 MiB)
+    max_video_bytes: int = DEFAULT_MAX_BYTES
+    max_video_seconds: float = DEFAULT_MAX_SECONDS  # per video (60 s)
+    max_video_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS  # width x height of its frames (3840 x 2160)
+    max_video_frames: int = DEFAULT_MAX_TOTAL_FRAMES  # frames in the file, before sampling (7200)
     allowed_local_media_dirs: list[Path] = field(default_factory=list)  # empty: no local paths at all
     max_request_bytes: int = 64 * MiB  # whole JSON body; larger bodies get 413
     request_timeout_s: float | None = 600.0  # arrival to last token; None: no deadline
@@ -56,6 +72,10 @@ class GatewayConfig:
             "max_image_pixels",
             "preprocess_threads",
             "max_prompt_chars_per_token",
+            "max_videos_per_request",
+            "max_video_bytes",
+            "max_video_frame_pixels",
+            "max_video_frames",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -64,12 +84,23 @@ class GatewayConfig:
                 f"max_request_bytes ({self.max_request_bytes}) must hold one base64 image of "
                 f"max_image_bytes ({self.max_image_bytes})"
             )
+        if not self.max_video_seconds > 0:
+            raise ValueError(f"max_video_seconds must be positive, got {self.max_video_seconds}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be positive or None, got {self.request_timeout_s}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be at least 1 or None, got {self.default_max_tokens}")
         self.allowed_local_media_dirs = [_folder(d) for d in self.allowed_local_media_dirs]
         _check_connection_limits(self)
+
+
+def video_limits(config: GatewayConfig) -> VideoLimits:
+    return VideoLimits(
+        max_bytes=config.max_video_bytes,
+        max_seconds=config.max_video_seconds,
+        max_frame_pixels=config.max_video_frame_pixels,
+        max_total_frames=config.max_video_frames,
+    )
 
 
 def _folder(path: str | os.PathLike[str]) -> Path:

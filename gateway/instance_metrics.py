@@ -2,14 +2,15 @@
 can time.
 
 Per instance: what each instance reported in its last heartbeat (queue, running requests, KV blocks,
-data-plane totals) and the requests the gateway has placed there and not yet seen leave. They are read
-from the registry when /metrics is scraped, by a custom prometheus_client collector, so instance ids
-(which operators choose) are escaped by the library and the metric names and types are checked by it.
+data-plane totals by backend, its own phase histograms and encoder cache counts: stage_figures.py)
+and the requests the gateway has placed there and not yet seen leave. They are read from the
+registry when /metrics is scraped, by a custom prometheus_client collector, so instance ids (which
+operators choose) are escaped by the library and the metric names and types are checked by it.
 
-Per stage: the control-plane messages carry no timestamps, so the gateway times what it sees itself:
-dispatch (KV_RESERVE, ENCODE, PREFILL sent) to FIRST_TOKEN, and FIRST_TOKEN to the first TOKENS from
-decode. The encode stage answers the prefill stage, not the gateway, so encode time is only inside the
-first figure (split by whether the request had images). docs/observability.md lists what is there.
+Per stage, end to end: the control-plane messages carry no timestamps, so the gateway also times
+what it sees itself: dispatch (KV_RESERVE, ENCODE, PREFILL sent) to FIRST_TOKEN, and FIRST_TOKEN to
+the first TOKENS from decode (`StageTimings`); the stages time their own phases. docs/observability.md
+lists what is there.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway import stage_figures
 from gateway.metrics import LATENCY_BUCKETS
 from gateway.registry import Instance, Registry
 
@@ -31,6 +33,7 @@ log = logging.getLogger("epd.gateway.metrics")
 Figure = Callable[[Instance], float]
 
 # (metric, help, value) for every instance; the counters get their `_total` from prometheus_client
+# and a `backend` label (the instance's data plane)
 INSTANCE_GAUGES: list[tuple[str, str, Figure]] = [
     ("epd_stage_running", "Requests running at an instance (last heartbeat).", lambda i: i.load.running),
     (
@@ -69,7 +72,7 @@ class InstanceCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         """The families without samples, so registering this collector does not read the registry."""
-        return list(_families().values())
+        return [*_families().values(), stage_figures.refused_family(None)]
 
     def collect(self) -> Iterable[Metric]:
         """Every instance's figures; on a failure none of them (logged), never a broken /metrics."""
@@ -80,11 +83,11 @@ class InstanceCollector(Collector):
         except Exception:
             log.exception("collecting the per-instance metrics failed")
             return []
-        return list(families.values())
+        return [*families.values(), stage_figures.refused_family(self._registry.figures_refused)]
 
 
-def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
-    families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+def _families() -> dict[str, Metric]:
+    families: dict[str, Metric] = {
         QUEUE_DEPTH: GaugeMetricFamily(
             QUEUE_DEPTH,
             "Requests queued at a stage instance (last heartbeat).",
@@ -94,16 +97,27 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
     for name, help_, _ in INSTANCE_GAUGES:
         families[name] = GaugeMetricFamily(name, help_, labels=["instance"])
     for name, help_, _ in INSTANCE_COUNTERS:
-        families[name] = CounterMetricFamily(name, help_, labels=["instance"])
+        families[name] = CounterMetricFamily(name, help_, labels=["instance", "backend"])
+    families.update(stage_figures.families())
     return families
 
 
-def _add(families: dict[str, GaugeMetricFamily | CounterMetricFamily], inst: Instance) -> None:
+def _add(families: dict[str, Metric], inst: Instance) -> None:
     for role in inst.info.roles:
         depth = inst.load.encode_queue if role == "E" else inst.load.waiting
         families[QUEUE_DEPTH].add_metric([role, inst.id], depth)
-    for name, _, figure in INSTANCE_GAUGES + INSTANCE_COUNTERS:
+    for name, _, figure in INSTANCE_GAUGES:
         families[name].add_metric([inst.id], figure(inst))
+    backend = backend_of(inst)
+    for name, _, figure in INSTANCE_COUNTERS:
+        families[name].add_metric([inst.id, backend], figure(inst))
+    stage_figures.add(families, inst.id, inst.load)
+
+
+def backend_of(inst: Instance) -> str:
+    """The data-plane backend an instance registered with ("shm", "tcp", ...; "" when it named none)."""
+    backend = inst.info.dataplane.get("backend")
+    return backend if isinstance(backend, str) and len(backend) <= 64 else ""
 
 
 @dataclass(slots=True)

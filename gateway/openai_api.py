@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from common.sampling_params import INT32_MAX, INT64_MAX, INT64_MIN, SAMPLING_EPS, SamplingParams
+from gateway.content_parts import ChatPrompt, content_part
 from gateway.errors import ApiError, bad_request
 from gateway.request_limits import (
     MAX_JSON_DEPTH,
@@ -34,7 +34,6 @@ from gateway.request_limits import (
 from gateway.sampling_options import check_min_tokens, processor_fields
 
 ROLES = ("system", "user", "assistant")
-PART_TYPES = ("text", "image_url")
 
 
 class StreamOptions(msgspec.Struct):
@@ -83,15 +82,6 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     logprobs: bool | int | None = None  # alternatives per token (false: none, as null)
 
 
-@dataclass(slots=True)
-class ChatPrompt:
-    """The messages as the chat template sees them, with each image part reduced to `{"type": "image"}`,
-    and the images' URLs in prompt order with the path of the field each came from."""
-
-    messages: list[dict[str, Any]]
-    image_urls: list[tuple[str, str]] = field(default_factory=list)  # (url, param)
-
-
 def decode_body(body: bytes, schema: type[msgspec.Struct], max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Decode and type-check a JSON body; every failure is a 400 that says what is wrong and where.
 
@@ -135,8 +125,8 @@ def check_model(requested: str | None, served: str) -> None:
         )
 
 
-def chat_prompt(request: ChatCompletionRequest, max_images: int) -> ChatPrompt:
-    """Check roles and content parts; collect the image URLs (their count is checked before any decode)."""
+def chat_prompt(request: ChatCompletionRequest, max_images: int, max_videos: int = 0) -> ChatPrompt:
+    """Check roles and content parts; collect the media URLs (their counts are checked before any decode)."""
     if not request.messages:
         raise bad_request("'messages' must not be empty", param="messages")
     prompt = ChatPrompt(messages=[])
@@ -153,41 +143,18 @@ def chat_prompt(request: ChatCompletionRequest, max_images: int) -> ChatPrompt:
             )
         content = message.content
         if isinstance(content, list):
-            content = [_part(part, f"{where}.content[{j}]", prompt) for j, part in enumerate(content)]
+            content = [content_part(part, f"{where}.content[{j}]", prompt) for j, part in enumerate(content)]
         entry: dict[str, Any] = {"role": message.role, "content": content}
         if message.name is not None:
             entry["name"] = message.name
         prompt.messages.append(entry)
-    if len(prompt.image_urls) > max_images:
-        raise bad_request(
-            f"too many images: the request has {len(prompt.image_urls)}, the limit is {max_images} per request",
-            param="messages",
-        )
-    return prompt
-
-
-def _part(part: Any, where: str, prompt: ChatPrompt) -> dict[str, Any]:
-    if not isinstance(part, dict):
-        raise bad_request(f"{where} must be an object with a 'type', got {type(part).__name__}", param=where)
-    kind = part.get("type")
-    if kind == "text":
-        if not isinstance(part.get("text"), str):
-            raise bad_request(f"{where}.text must be a string", param=f"{where}.text")
-        return {"type": "text", "text": part["text"]}
-    if kind == "image_url":
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        if not isinstance(url, str) or not url:
+    for kind, limit in (("image", max_images), ("video", max_videos)):
+        if (count := prompt.count(kind)) > limit:
             raise bad_request(
-                f"{where}.image_url must be an object with a non-empty string 'url'",
-                param=f"{where}.image_url",
+                f"too many {kind}s: the request has {count}, the limit is {limit} per request",
+                param="messages",
             )
-        prompt.image_urls.append((url, f"{where}.image_url.url"))
-        return {"type": "image"}
-    raise bad_request(
-        f"{where}.type {kind!r} is not supported; supported content part types: {', '.join(PART_TYPES)}",
-        param=f"{where}.type",
-    )
+    return prompt
 
 
 def requested_max_tokens(request: _SamplingFields) -> tuple[int | None, str]:

@@ -1,9 +1,10 @@
-"""From a checked OpenAI request to a `GenerateRequest`: images, chat template, placeholders, lengths.
+"""From a checked OpenAI request to a `GenerateRequest`: media, chat template, placeholders, lengths.
 
-This is the blocking part of a request (image decoding, template rendering, tokenizing a long prompt),
-so the app runs it in a worker thread and the event loop keeps streaming other requests' tokens. The
-prompt is rendered with one `<|image_pad|>` per image, then each is expanded to the image's token count
-(known from its size alone), and only then is the context length checked: images count.
+This is the blocking part of a request (image decoding, video probing, template rendering, tokenizing a
+long prompt), so the app runs it in a worker thread and the event loop keeps streaming other requests'
+tokens. The prompt is rendered with one `<|image_pad|>` per image and one `<|video_pad|>` per video,
+then each is expanded to the item's token count (an image's from its size alone, a video's from its
+frame plan: gateway.videos), and only then is the context length checked: images and videos count.
 
 Everything cheap comes first, so a refused request costs next to nothing: the sampling fields and
 the prompt's length in characters (`gateway.request_limits`) are checked before any image is decoded
@@ -20,9 +21,10 @@ from typing import Any
 from common.prompting import expand_placeholders
 from common.sampling_params import SamplingParams
 from common.tokenizer import ChatTemplateError, TextTokenizer
+from common.video_sampling import VIDEO_PREPROCESSOR_CONFIG, VideoSampling
 from common.vision_geometry import PREPROCESSOR_CONFIG, VisionGeometry
-from gateway.backend import GenerateRequest
-from gateway.config import GatewayConfig
+from gateway.backend import GenerateRequest, ImageInput
+from gateway.config import GatewayConfig, video_limits
 from gateway.errors import bad_request
 from gateway.images import ImageLoader
 from gateway.openai_api import (
@@ -34,8 +36,10 @@ from gateway.openai_api import (
     sampling_params,
 )
 from gateway.request_limits import chat_text_chars, check_prompt_chars
+from gateway.videos import VideoLoader
 
 IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k")
 
 
@@ -46,13 +50,10 @@ class Preprocessor:
         self.config = config
         self.tokenizer = tokenizer
         model_config = _read_json(config.model_dir / "config.json")
-        self.image_token_id: int | None = model_config.get("image_token_id")
-        if self.image_token_id is None:
-            try:
-                self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
-            except KeyError:
-                self.image_token_id = None
+        self.image_token_id = _token_id(model_config, "image_token_id", IMAGE_TOKEN, tokenizer)
+        self.video_token_id = _token_id(model_config, "video_token_id", VIDEO_TOKEN, tokenizer)
         self.images: ImageLoader | None = None
+        self.videos: VideoLoader | None = None
         if (config.model_dir / PREPROCESSOR_CONFIG).is_file() and self.image_token_id is not None:
             self.images = ImageLoader(
                 VisionGeometry.from_dir(config.model_dir),
@@ -60,22 +61,29 @@ class Preprocessor:
                 max_pixels=config.max_image_pixels,
                 allowed_dirs=config.allowed_local_media_dirs,
             )
+        if self.images is not None and self.video_token_id is not None:  # a vision model: videos too
+            video_config = _read_json(config.model_dir / VIDEO_PREPROCESSOR_CONFIG)  # else Qwen's defaults
+            self.videos = VideoLoader(
+                VideoSampling.from_config(video_config), video_limits(config), config.allowed_local_media_dirs
+            )
         self.sampling_defaults = _sampling_defaults(_read_json(config.model_dir / "generation_config.json"))
 
     def chat(self, request: ChatCompletionRequest, request_id: str, max_model_len: int) -> GenerateRequest:
-        prompt = chat_prompt(request, self.config.max_images_per_request)
-        check_sampling_fields(request, self.tokenizer.vocab_size, self.sampling_defaults)  # before images
+        prompt = chat_prompt(request, self.config.max_images_per_request, self.config.max_videos_per_request)
+        check_sampling_fields(request, self.tokenizer.vocab_size, self.sampling_defaults)  # before media
         self._check_chars(chat_text_chars(prompt.messages), max_model_len, "messages")
-        if prompt.image_urls and self.images is None:
-            raise bad_request("this model does not take images", param="messages")
-        images = [self.images.load(url, param) for url, param in prompt.image_urls] if self.images else []
+        loaders = {"image": self.images, "video": self.videos}
+        for kind, loader in loaders.items():
+            if loader is None and prompt.count(kind):
+                raise bad_request(f"this model does not take {kind}s", param="messages")
+        media = [loaders[kind].load(url, param) for kind, url, param in prompt.media]  # type: ignore[union-attr]
         try:
             token_ids = self.tokenizer.render_chat_ids(prompt.messages)
         except ChatTemplateError as exc:
             raise bad_request(str(exc), param="messages") from None
-        token_ids = self._expand(token_ids, [image.num_tokens for image in images], "messages")
+        token_ids = self._expand(token_ids, media, "messages")
         params = self._sampling(request, len(token_ids), max_model_len)
-        return GenerateRequest(request_id=request_id, token_ids=token_ids, images=images, params=params)
+        return GenerateRequest(request_id=request_id, token_ids=token_ids, images=media, params=params)
 
     def completion(self, request: CompletionRequest, request_id: str, max_model_len: int) -> GenerateRequest:
         check_sampling_fields(request, self.tokenizer.vocab_size, self.sampling_defaults)  # before tokenizing
@@ -113,17 +121,21 @@ class Preprocessor:
             param=param,
         )
 
-    def _expand(self, token_ids: list[int], counts: list[int], param: str) -> list[int]:
-        if self.image_token_id is None:
-            return token_ids
-        found = token_ids.count(self.image_token_id)
-        if found != len(counts):
-            raise bad_request(
-                f"the prompt has {found} image placeholder tokens but the request has {len(counts)} images "
-                "(image placeholder tokens may not appear in text)",
-                param=param,
-            )
-        return expand_placeholders(token_ids, self.image_token_id, counts)
+    def _expand(self, token_ids: list[int], media: list[ImageInput], param: str) -> list[int]:
+        """Each kind's placeholders, one per item of that kind, expanded to the item's token count."""
+        for kind, pad in (("image", self.image_token_id), ("video", self.video_token_id)):
+            if pad is None:
+                continue
+            counts = [item.num_tokens for item in media if item.kind == kind]
+            found = token_ids.count(pad)
+            if found != len(counts):
+                raise bad_request(
+                    f"the prompt has {found} {kind} placeholder tokens but the request has {len(counts)} "
+                    f"{kind}s ({kind} placeholder tokens may not appear in text)",
+                    param=param,
+                )
+            token_ids = expand_placeholders(token_ids, pad, counts)
+        return token_ids
 
     def _sampling(self, request: Any, prompt_len: int, max_model_len: int) -> SamplingParams:
         return sampling_params(
@@ -134,6 +146,17 @@ class Preprocessor:
             vocab_size=self.tokenizer.vocab_size,
             defaults=self.sampling_defaults,
         )
+
+
+def _token_id(model_config: dict[str, Any], key: str, token: str, tokenizer: TextTokenizer) -> int | None:
+    """A placeholder's id from the model's config, else from the tokenizer; None: no such input."""
+    value = model_config.get(key)
+    if isinstance(value, int):
+        return value
+    try:
+        return tokenizer.token_id(token)
+    except KeyError:
+        return None
 
 
 def _sampling_defaults(generation: dict[str, Any]) -> dict[str, Any]:

@@ -12,15 +12,22 @@ An instance id belongs to the connection that registered it (its ZeroMQ routing 
 inbox) for as long as it heartbeats: a REGISTER or heartbeat for that id from another connection is
 refused, so no process can take over, refresh or silence an instance that is alive. A process that
 restarts under its old id registers once the old registration has expired (within `timeout_s`).
+
+A heartbeat's phase and cache figures are checked before they are kept (gateway/stage_figures.py):
+refused ones leave the instance's previous figures in place and are counted in `figures_refused`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from common.protocol import PROTOCOL_VERSION, InstanceInfo, Load
+from gateway.stage_figures import figures_problem, keep_figures
+
+log = logging.getLogger("epd.gateway.registry")
 
 
 @dataclass(slots=True)
@@ -59,6 +66,7 @@ class Registry:
         self.instances: dict[str, Instance] = {}
         self._encoded_at: OrderedDict[str, str] = OrderedDict()  # content hash -> encode instance id
         self._affinity_size = affinity_size
+        self.figures_refused = 0  # heartbeats whose phase or cache figures failed their checks
 
     def held_elsewhere(self, instance_id: str, route: bytes) -> bool:
         """Whether a live instance of that id registered over another connection."""
@@ -95,6 +103,13 @@ class Registry:
         if inst is None or (inst.route and route and inst.route != route):
             return False
         inst.last_seen = time.monotonic()
+        if (problem := figures_problem(load)) is not None:
+            self.figures_refused += 1
+            log.warning(
+                "refused the figures of a heartbeat from %r: %s (%d refused)",
+                instance_id, problem, self.figures_refused,
+            )  # fmt: skip
+            keep_figures(load, inst.load)
         inst.load = load
         inst.suspect = False
         return True

@@ -77,13 +77,14 @@ class Generation:
         self.finish_reason: str | None = None
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        self.cached_tokens = 0  # from the first event: prompt tokens served from the prefix cache
         self._release_task: asyncio.Task[None] | None = None  # set by release(), once
         metrics.running.inc()
 
     @property
     def usage(self) -> Usage:
         """Tokens up to the one that completed a stop string, EOS included when the backend sent it."""
-        return Usage(prompt_tokens=len(self.request.token_ids), completion_tokens=len(self._detok.token_ids))
+        return Usage(len(self.request.token_ids), len(self._detok.token_ids), self.cached_tokens)
 
     async def next_delta(self) -> Delta:
         """Text of the next backend event; the last delta carries the finish reason. Raises BackendError."""
@@ -93,6 +94,7 @@ class Generation:
         if event.token_ids:
             self.last_token_at = time.monotonic()
             self.first_token_at = self.first_token_at or self.last_token_at
+        self.cached_tokens = max(self.cached_tokens, event.num_cached_tokens)
         before = len(self._detok.token_ids)
         stopped = self._push(event.token_ids)
         logprobs = None

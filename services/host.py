@@ -36,6 +36,7 @@ from common.protocol import (
     RegisterAck,
     RequestError,
 )  # fmt: skip
+from common.stage_histograms import merged
 from services.host_config import HostConfig
 from services.service_io import Inbound, ServiceIO, bounded_interval
 from services.wire_checks import Refusals
@@ -121,6 +122,10 @@ class Host:
         dp = self.dataplane
         load.transfer_bytes = dp.bytes_sent + dp.bytes_received
         load.transfer_seconds = dp.seconds_sent + dp.seconds_received
+        load.phases = merged(*(w.phases.snapshot() for w in self._workers()))
+        if self.encode is not None:
+            load.cache_hits = dict(self.encode.cache_counts.hits)
+            load.cache_misses = dict(self.encode.cache_counts.misses)
         return load
 
     def run(self) -> None:

@@ -20,18 +20,39 @@ def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def hf_greedy(path: str, family, token_ids: list[int], items: list, max_new_tokens: int):
-    """Greedy tokens and per-token logits of transformers' generate for one prompt (stops at EOS)."""
+def hf_greedy(
+    path: str,
+    family,
+    token_ids: list[int],
+    items: list,
+    max_new_tokens: int,
+    kinds: list[str] | None = None,
+    second_per_grid_ts: list[float] | None = None,
+):
+    """Greedy tokens and per-token logits of transformers' generate for one prompt (stops at EOS).
+
+    `items` are images unless `kinds` says "video" for some: those go in as `pixel_values_videos`
+    and `video_grid_thw`; `second_per_grid_ts` (one per item, read for videos) goes to Qwen2.5-VL."""
     model = hf_model(str(path))
     ids = torch.tensor([token_ids])
+    kinds = kinds or ["image"] * len(items)
     kwargs = {}
-    if items:
-        kwargs["pixel_values"] = torch.cat([i.pixel_values for i in items])
-        kwargs["image_grid_thw"] = torch.tensor([i.grid_thw for i in items])
+    for kind, pixels, grids in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
+        chosen = [i for i, k in zip(items, kinds, strict=True) if k == kind]
+        if chosen:
+            kwargs[pixels] = torch.cat([i.pixel_values for i in chosen])
+            kwargs[grids] = torch.tensor([i.grid_thw for i in chosen])
+    if second_per_grid_ts is not None and "video" in kinds and model.config.model_type == "qwen2_5_vl":
+        videos = [s for s, k in zip(second_per_grid_ts, kinds, strict=True) if k == "video"]
+        kwargs["second_per_grid_ts"] = torch.tensor(videos)
+    types = (ids == family.image_token_id).int() + 2 * (ids == family.video_token_id).int()
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        mm_token_type_ids=(ids == family.image_token_id).int(),
+        mm_token_type_ids=types,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         output_logits=True,

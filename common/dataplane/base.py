@@ -115,6 +115,12 @@ class TransferHandle:
         return self._bytes
 
     @property
+    def first_byte_at(self) -> float | None:
+        """When the first bytes landed (time.monotonic()), None before any: where a transfer's time
+        starts for whoever times it end to end."""
+        return self._first
+
+    @property
     def seconds(self) -> float:
         """Time from the first to the last byte (0.0 before two byte events)."""
         first, last = self._first, self._last

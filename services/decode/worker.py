@@ -35,12 +35,14 @@ from typing import Any
 from common.dataplane.base import Region, TransferState
 from common.log import get_logger
 from common.protocol import KvDest, KvReady, KvReserve, RequestError, Tokens, TokenUpdate
+from common.stage_histograms import PhaseHistograms
 from services.decode.kv_landing import InPlaceLanding
 from services.decode.reservations import ReservationLedger, ReservationLimits
 from services.decode.validation import kv_ready_problem, kv_reserve_problem
 from services.engine.engine import StepError
 from services.engine.kv_cache import block_offset
 from services.engine.sequence import FinishReason
+from services.phase_watch import ScheduleWatch
 from services.wire_checks import Refusals, vocab_size
 
 log = get_logger("epd.decode")
@@ -80,6 +82,8 @@ class DecodeWorker:
         self.backlog: dict[str, tuple[KvReserve, float]] = {}
         self.receiving: dict[str, _Receiving] = {}
         self.fencing: dict[str, float] = {}  # aborted mid-transfer: freed when the fence time passes
+        self.phases = PhaseHistograms()  # kv_transfer, decode_queue, decode_step (stage_histograms)
+        self.unscheduled = ScheduleWatch(engine.scheduler, self.phases, "decode_queue")
 
     def request_ids(self) -> set[str]:
         """Every request this worker holds (fenced ones are gone already, only their blocks wait)."""
@@ -134,6 +138,7 @@ class DecodeWorker:
                 return
             self.landing.release(request_id)
         self.engine.abort(request_id)
+        self.unscheduled.drop(request_id)
 
     # ---- progress ----------------------------------------------------------------------------------
 
@@ -162,7 +167,11 @@ class DecodeWorker:
 
     def step(self) -> None:
         updates = []
-        for o in self._engine_step():
+        began = time.perf_counter()
+        outputs = self._engine_step()
+        ended = time.perf_counter()  # the tokens are on the host: no sync to add
+        self.unscheduled.scheduled(began)
+        for o in outputs:
             if o.finish_reason == FinishReason.ERROR.value:  # preempted and nothing to swap or recompute
                 self._fail(o.request_id, OUT_OF_KV, 503)
                 continue
@@ -173,6 +182,7 @@ class DecodeWorker:
                 )
             )  # fmt: skip
         if updates:
+            self.phases.observe("decode_step", ended - began)
             self.io.to_gateway(Tokens(updates=updates))
             for u in updates:
                 if u.finished:
@@ -228,6 +238,9 @@ class DecodeWorker:
             self.claims.remove(rid)
             self.landing.land(rid, r.pool_blocks)
             self.engine.admit_reserved(rid, r.ready.token_ids, r.ready.rope_delta)
+            self.unscheduled.queued(rid)
+            if (first := r.handle.first_byte_at) is not None:  # the data plane's clock: monotonic
+                self.phases.observe("kv_transfer", time.monotonic() - first)
             log.info("decode admitted", request_id=rid, prompt_tokens=r.ready.num_prompt_tokens)
 
     def _refuse(self, msg: KvReserve, problem: str, status: int) -> None:

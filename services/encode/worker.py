@@ -1,8 +1,8 @@
-"""The Encode role: batch images across requests, run the encoder, push features to prefill.
+"""The Encode role: batch images and videos across requests, run the encoder, push features to prefill.
 
-Life of an item: an ENCODE message brings the image bytes (or only the hash, when this encoder holds
-its features); items queue up; `run_batch` decodes, preprocesses and encodes up to `max_batch_items`
-of them in one encoder call; the features go into an LRU cache keyed by content hash and are offered
+Life of an item: an ENCODE message brings the image or video bytes (or only the hash, when this
+encoder holds its features); items queue up; `run_batch` decodes, preprocesses (a video: see
+services/encode/media_items.py) and encodes up to `max_batch_items` of them in one encoder call; the features go into an LRU cache keyed by content hash and are offered
 to the prefill instance the gateway chose. That instance answers with a destination buffer (or with
 nothing, when it holds the hash already) and the bytes move over the data plane. A prefill role in the
 same process gets the tensor itself: no copy.
@@ -14,6 +14,7 @@ that batch (500); the worker goes on with the next.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +23,11 @@ import torch
 
 from common.dataplane.base import Region, TransferState
 from common.log import get_logger
-from common.media import MediaError, decode_image
-from common.protocol import Encode, FeatureDest, FeatureOffer, RequestError
+from common.media import MediaError
+from common.protocol import Encode, FeatureDest, FeatureOffer, RequestError, VideoSettings
+from common.stage_histograms import CacheCounts, PhaseHistograms
 from services.byte_lru import ByteLRU
+from services.encode.media_items import item_problem, prepare_item
 from services.tensor_bytes import byte_view, dtype_name
 from services.wire_checks import Refusals, id_problem, ids_problem
 
@@ -42,6 +45,8 @@ def encode_problem(msg: Encode, num_frames: int) -> str | None:
             return problem
         if item.frame >= num_frames or item.frame < -1:
             return f"items[{i}].frame {item.frame}: the message has {num_frames} frame(s)"
+        if problem := item_problem(i, item):
+            return problem
     return None
 
 
@@ -51,6 +56,9 @@ class _Item:
     hash: str
     data: bytes | None
     dest: Encode
+    queued_at: float = 0.0  # time.perf_counter() when it joined the queue
+    kind: str = "image"
+    video: VideoSettings | None = None  # how to sample it, with kind "video"
 
 
 class EncodeWorker:
@@ -78,6 +86,8 @@ class EncodeWorker:
         self._dest_dataplane: dict[str, dict] = {}  # prefill id -> its data plane descriptor
         self.items_encoded = 0
         self.refusals = Refusals(log)
+        self.phases = PhaseHistograms()  # encode_queue, encode (common/stage_histograms.py)
+        self.cache_counts = CacheCounts()
 
     @property
     def queue_depth(self) -> int:
@@ -98,13 +108,25 @@ class EncodeWorker:
             return
         for item in msg.items:
             features = self.cache.get(item.hash)
+            self.cache_counts.record(item.kind, hit=features is not None)
             if features is not None:
                 self._deliver(item.hash, features, msg)
                 continue
             if not 0 <= item.frame < len(frames):
                 self._fail(msg.request_id, f"image {item.hash} was not sent and is not cached", 400)
                 return
-            self.queue.append(_Item(msg.request_id, item.hash, bytes(frames[item.frame].buffer), msg))
+            data = bytes(frames[item.frame].buffer)
+            self.queue.append(
+                _Item(
+                    msg.request_id,
+                    item.hash,
+                    data,
+                    msg,
+                    queued_at=time.perf_counter(),
+                    kind=item.kind,
+                    video=item.video,
+                )  # fmt: skip
+            )
 
     def on_feature_dest(self, msg: FeatureDest) -> None:
         features = self._offers.pop((msg.hash, msg.sender), None)
@@ -143,8 +165,10 @@ class EncodeWorker:
         batch: list[_Item] = []
         repeats: list[_Item] = []  # the same image twice among the queued items: encode it once
         seen: set[str] = set()
+        began = time.perf_counter()
         while self.queue and len(batch) < self.max_batch_items:
             item = self.queue.popleft()
+            self.phases.observe("encode_queue", began - item.queued_at)
             cached = self.cache.get(item.hash)
             if cached is not None:
                 self._deliver(item.hash, cached, item.dest)
@@ -156,10 +180,10 @@ class EncodeWorker:
         ready, prepared = [], []
         for item in batch:
             try:
-                prepared.append(self.family.preprocess(decode_image(item.data or b"")))
+                prepared.append(prepare_item(self.family, item.kind, item.data or b"", item.video))
                 ready.append(item)
             except (MediaError, ValueError) as exc:
-                self._fail(item.request_id, f"image could not be processed: {exc}", 400)
+                self._fail(item.request_id, f"{item.kind} could not be processed: {exc}", 400)
         if ready:
             try:
                 encoded = self.family.encode(prepared)
@@ -168,6 +192,8 @@ class EncodeWorker:
                 for item in ready:
                     self._fail(item.request_id, f"internal error in the encoder: {exc}", 500)
                 encoded, ready = [], []
+            if ready:  # once per batch: decoding, preprocessing, the encoder call (no device sync)
+                self.phases.observe("encode", time.perf_counter() - began)
             for item, features in zip(ready, encoded, strict=True):
                 features = features.contiguous()
                 self.cache.put(item.hash, features, features.numel() * features.element_size())

@@ -174,7 +174,12 @@ class Engine:
             reason = u.seq.finish_reason.value if u.finished and u.seq.finish_reason else None
             outputs.append(
                 RequestOutput(
-                    u.seq.request_id, [u.new_token], u.finished, reason, logits, logprobs,
+                    u.seq.request_id,
+                    [u.new_token],
+                    u.finished,
+                    reason,
+                    logits,
+                    logprobs,
                     u.seq.num_cached_tokens,
                 )  # fmt: skip
             )

@@ -19,6 +19,7 @@ from typing import Any
 
 from services.models.registry import SUPPORTED_MODEL_TYPES, family_class
 from services.models.stage_weights import TEXT, VISION, StageWeightsError, load_parts, parts_for_roles
+from services.models.video_patches import read_video_config
 
 
 class ModelLoadError(ValueError):
@@ -83,7 +84,7 @@ def load_model(
     attention: str | None = None,
     roles: str = "EPD",
 ) -> LoadedModel:
-    """Load weights, tokenizer and image processor; `attention` names the text attention implementation
+    """Load weights, tokenizer, image processor and video processor settings; `attention` names the text attention implementation
     (default: the engine's paged attention; "sdpa" gives transformers' stock model for references).
 
     `roles` (some of "EPD") says which weights: the vision tower for E, the language model, embeddings
@@ -121,5 +122,5 @@ def load_model(
         except StageWeightsError as exc:
             raise ModelLoadError(f"cannot load {folder} for roles {roles}: {exc}") from exc
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    family = cls(model, cls.load_image_processor(str(folder)))
+    family = cls(model, cls.load_image_processor(str(folder)), read_video_config(folder))
     return LoadedModel(folder, model_type, family, tokenizer, _eos_ids(folder, tokenizer), parts)

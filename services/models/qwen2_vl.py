@@ -1,10 +1,14 @@
 """Family adapter for Qwen2-VL and Qwen2.5-VL.
 
 Both run unchanged transformers modules; the adapter only knows how to split them into stages:
-  - encode: the vision tower (`model.model.visual`) over a batch of images, whose `pooler_output` is one
-    feature row per `<|image_pad|>` token, split back per image;
-  - prefill: token embeddings with the features scattered at the placeholder positions, and the prompt's
-    M-RoPE positions from transformers' own `get_rope_index` (its `rope_deltas` must travel to decode);
+  - encode: the vision tower (`model.model.visual`) over a batch of images and videos, whose
+    `pooler_output` is one feature row per `<|image_pad|>` or `<|video_pad|>` token, split back per
+    item. transformers' `get_video_features` calls the same tower with the video's grid, so a video is
+    one more item: its patches (services/models/video_patches.py) with a grid whose t may exceed 1;
+  - prefill: token embeddings with the features scattered at the placeholder positions (images and
+    videos in prompt order), and the prompt's M-RoPE positions from transformers' own `get_rope_index`
+    with both grids and, for Qwen2.5-VL, the videos' `second_per_grid_ts` (its `rope_deltas` must
+    travel to decode);
   - decode: position `i + rope_delta` on all three axes for a token at index `i`.
 
 A process may hold only some of the model (services/models/stage_weights.py): an encode-only one has
@@ -20,13 +24,18 @@ from typing import Any
 
 import torch
 
+from common.video import PreparedVideo
+from common.video_sampling import VideoSampling
 from services.engine.attention import AttentionMetadata
 from services.engine.inputs import ModelInputs
+from services.models.video_patches import VideoNormalization, video_pixel_values
+
+MM_TOKEN_TYPES = {"image": 1, "video": 2}  # get_rope_index's mm_token_type_ids: text 0, image 1, video 2
 
 
 @dataclass(slots=True)
 class ImageItem:
-    """One preprocessed image: patches and their (t, h, w) grid."""
+    """One preprocessed image or video: patches and their (t, h, w) grid."""
 
     pixel_values: torch.Tensor
     grid_thw: tuple[int, int, int]
@@ -45,14 +54,19 @@ class Qwen2VLFamily:
         (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
     )
 
-    def __init__(self, model: Any, image_processor: Any) -> None:
+    def __init__(self, model: Any, image_processor: Any, video_config: dict[str, Any] | None = None) -> None:
         self.model = model
         self.config = model.config
         self.image_processor = image_processor
+        video_config = video_config or {}
+        self.video_sampling = VideoSampling.from_config(video_config)  # the patch geometry for videos
+        self.video_norm = VideoNormalization.of(video_config, image_processor)
         self.visual = model.model.visual  # None without the encode role
         self.language_model = model.model.language_model  # None in an encode-only process
         self.lm_head = model.lm_head
         self.image_token_id = int(self.config.image_token_id)
+        self.video_token_id = int(self.config.video_token_id)
+        self.temporal_video = self.config.model_type == "qwen2_5_vl"  # M-RoPE time in seconds
         self.merge_size = int(self.config.vision_config.spatial_merge_size)
         text = self.config.text_config
         self.num_layers = int(text.num_hidden_layers)
@@ -94,6 +108,17 @@ class Qwen2VLFamily:
         grid = tuple(int(x) for x in out["image_grid_thw"][0])
         return ImageItem(out["pixel_values"], grid)  # type: ignore[arg-type]
 
+    def preprocess_video(self, video: PreparedVideo) -> ImageItem:
+        """Resized, padded frames -> patches, as `Qwen2VLVideoProcessor` makes `pixel_values_videos`."""
+        s = self.video_sampling
+        pixels, grid = video_pixel_values(
+            video.frames, self.video_norm, patch_size=s.patch_size, merge_size=s.merge_size,
+            temporal_patch_size=s.temporal_patch_size,
+        )  # fmt: skip
+        if grid != tuple(video.grid_thw):
+            raise ValueError(f"the frames make grid {list(grid)}, the plan says {list(video.grid_thw)}")
+        return ImageItem(pixels, grid)
+
     def num_image_tokens(self, item: ImageItem) -> int:
         t, h, w = item.grid_thw
         return t * h * w // self.merge_size**2
@@ -112,21 +137,50 @@ class Qwen2VLFamily:
     # ---- prefill ---------------------------------------------------------------------------------
 
     def model_inputs(
-        self, token_ids: list[int], grids: list[tuple[int, int, int]], features: list[torch.Tensor]
+        self,
+        token_ids: list[int],
+        grids: list[tuple[int, int, int]],
+        features: list[torch.Tensor],
+        kinds: list[str] | None = None,
+        second_per_grid_ts: list[float] | None = None,
     ) -> ModelInputs:
-        """Positions and features of one prompt whose placeholders are already expanded."""
+        """Positions and features of one prompt whose placeholders are already expanded.
+
+        `grids`, `features` and `kinds` ("image" or "video", all images when None) list the items in
+        prompt order; `second_per_grid_ts` gives each item's seconds per temporal patch (read for
+        videos only, and only by Qwen2.5-VL's M-RoPE).
+        """
         if not grids:
             return ModelInputs()
+        kinds = kinds or ["image"] * len(grids)
         ids = torch.tensor([token_ids], dtype=torch.long)
-        is_image = ids == self.image_token_id
-        indices = is_image[0].nonzero().flatten().tolist()
+        types = torch.zeros_like(ids, dtype=torch.int)
+        types[ids == self.image_token_id] = MM_TOKEN_TYPES["image"]
+        types[ids == self.video_token_id] = MM_TOKEN_TYPES["video"]
+        indices = types[0].nonzero().flatten().tolist()
         embeds = torch.cat(features).to(self.device, self.dtype)
         if len(indices) != embeds.shape[0]:
             raise ValueError(
-                f"the prompt has {len(indices)} image tokens but the images give {embeds.shape[0]} features"
+                f"the prompt has {len(indices)} image and video tokens but the items give "
+                f"{embeds.shape[0]} features"
+            )
+
+        def grid_of(kind: str) -> torch.Tensor | None:
+            chosen = [g for g, k in zip(grids, kinds, strict=True) if k == kind]
+            return torch.tensor(chosen, dtype=torch.long) if chosen else None
+
+        extra = {}
+        if self.temporal_video and "video" in kinds:
+            seconds = second_per_grid_ts or [1.0] * len(grids)
+            extra["second_per_grid_ts"] = torch.tensor(
+                [s for s, k in zip(seconds, kinds, strict=True) if k == "video"]
             )
         positions, deltas = self.model.model.get_rope_index(
-            ids, mm_token_type_ids=is_image.int(), image_grid_thw=torch.tensor(grids, dtype=torch.long)
+            ids,
+            mm_token_type_ids=types,
+            image_grid_thw=grid_of("image"),
+            video_grid_thw=grid_of("video"),
+            **extra,
         )
         return ModelInputs(
             rope_delta=int(deltas.flatten()[0]),

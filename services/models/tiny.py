@@ -35,7 +35,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 PRESETS = ("tiny", "small", "mid")
 
 # Bump when the tokenizer, presets or file layout change, so cached checkpoints get rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: video_preprocessor_config.json
 MARKER_FILE = "tiny_model.json"
 
 # Text: hidden size, layers, heads, kv_heads, ffn (intermediate size), max_pos, init (initializer_range).
@@ -222,6 +222,7 @@ def make_tiny_model(
                 hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
+        _save_video_config(tmp, image_processor, p)
         marker = {"family": family, "preset": preset, "seed": seed, "format_version": FORMAT_VERSION}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         # mkdtemp makes the folder 0700 and safetensors leaves the weights 0600: make it shareable
@@ -234,6 +235,23 @@ def make_tiny_model(
         raise
     say(f"done: {count_parameters(model):,} parameters")
     return out
+
+
+def _save_video_config(folder: Path, image_processor: Any, preset: dict[str, Any]) -> None:
+    """Qwen2-VL's video processor settings, written by hand: its class needs torchvision to be built.
+
+    Frames are kept small (a quarter of the image budget, 64 frames at most) so video tests stay fast.
+    """
+    config = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "do_sample_frames": True, "fps": 2.0, "min_frames": 4, "max_frames": 64,
+        "size": {"shortest_edge": preset["min_pixels"], "longest_edge": preset["max_pixels"] // 4},
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "do_rescale": True, "rescale_factor": image_processor.rescale_factor,
+        "do_normalize": True, "image_mean": list(image_processor.image_mean),
+        "image_std": list(image_processor.image_std), "resample": 3,
+    }  # fmt: skip
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

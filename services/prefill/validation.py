@@ -13,11 +13,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from common.protocol import FeatureOffer, KvDest, Prefill
+from common.protocol import MM_KINDS, FeatureOffer, KvDest, Prefill
 from services.wire_checks import id_problem, token_problem, vocab_size
 
 MAX_DEADLINE_S = 600.0  # the gateway sends 30 s; a deadline past this would pin features for hours
 MAX_POOL_BLOCKS = 2**31  # block offsets are computed from it: keep them within 64-bit byte offsets
+MAX_SECOND_PER_GRID_T = 3600.0  # a temporal patch of frames sampled an hour apart, at the slowest
 FEATURE_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}  # name -> bytes per element
 
 
@@ -32,6 +33,7 @@ class PrefillLimits:
     block_bytes: int
     dataplane_backend: str
     max_feature_bytes: int  # the feature cache: one item larger than it could never be kept
+    video_token_id: int | None = None  # None: the model takes no videos
 
     @classmethod
     def of(cls, family: Any, engine: Any, dataplane: Any, cache_bytes: int) -> PrefillLimits:
@@ -41,6 +43,7 @@ class PrefillLimits:
             merge_size=int(getattr(family, "merge_size", 1)), hidden_size=getattr(family, "hidden_size", None),
             block_size=engine.kv.block_size, block_bytes=engine.kv.block_bytes,
             dataplane_backend=dataplane.descriptor().get("backend", ""), max_feature_bytes=cache_bytes,
+            video_token_id=getattr(family, "video_token_id", None),
         )  # fmt: skip
 
 
@@ -67,29 +70,41 @@ def prefill_problem(msg: Prefill, lim: PrefillLimits, *, decodes: bool) -> str |
 
 
 def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
-    """Each image's grid must merge into whole tokens, and the prompt's placeholders come in one run
-    per image of exactly that many tokens, in order: what the M-RoPE positions are computed from.
-    (`num_tokens` says the same for whoever reads the message; the grid decides here.)"""
+    """Each item's grid must merge into whole tokens, and the prompt's placeholders come in one run
+    per item of exactly that many tokens, of the item's kind (image or video), in order: what the
+    M-RoPE positions are computed from. (`num_tokens` says the same for whoever reads the message;
+    the grid decides here.)"""
     if not msg.mm:
         return None
-    if lim.image_token_id is None:
-        return "mm: this model takes no images"
+    pads = {"image": lim.image_token_id, "video": lim.video_token_id}
     m = lim.merge_size
     for i, ref in enumerate(msg.mm):
         if problem := id_problem(f"mm[{i}].hash", ref.hash):
             return problem
+        if ref.kind not in MM_KINDS:
+            return f"mm[{i}].kind {ref.kind[:32]!r} is not one of {', '.join(MM_KINDS)}"
+        if pads[ref.kind] is None:
+            return f"mm[{i}]: this model takes no {ref.kind}s"
         t, h, w = ref.grid_thw
         if min(t, h, w) < 1 or h % m or w % m:
             return f"mm[{i}]: grid_thw {list(ref.grid_thw)} is not a grid of whole {m}x{m} merged patches"
+        if ref.kind == "image" and (t != 1 or ref.second_per_grid_t != 0):
+            return f"mm[{i}]: an image has one temporal patch and no second_per_grid_t"
+        s = ref.second_per_grid_t
+        if ref.kind == "video" and not (math.isfinite(s) and 0 < s <= MAX_SECOND_PER_GRID_T):
+            return f"mm[{i}].second_per_grid_t must be in (0, {MAX_SECOND_PER_GRID_T:g}], got {s}"
+    kind_of = {tok: kind for kind, tok in pads.items() if tok is not None}
     runs = [
-        len(list(g))
-        for is_image, g in itertools.groupby(msg.token_ids, lim.image_token_id.__eq__)
-        if is_image
+        (kind, len(list(g))) for kind, g in itertools.groupby(msg.token_ids, kind_of.get) if kind is not None
     ]
-    wanted = [grid_tokens(ref.grid_thw, m) for ref in msg.mm]
+    wanted = [(ref.kind, grid_tokens(ref.grid_thw, m)) for ref in msg.mm]
     if runs != wanted:
-        return f"mm: token_ids hold image placeholder runs of {runs[:8]} tokens, the grids make {wanted[:8]}"
+        return f"mm: token_ids hold placeholder runs of [{_runs(runs)}], the items make [{_runs(wanted)}]"
     return None
+
+
+def _runs(runs: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in runs[:8]) + (", ..." if len(runs) > 8 else "")
 
 
 def grid_tokens(grid_thw: tuple[int, int, int], merge_size: int) -> int:
@@ -98,10 +113,10 @@ def grid_tokens(grid_thw: tuple[int, int, int], merge_size: int) -> int:
 
 
 def features_problem(index: int, ref: Any, features: Any, merge_size: int) -> str | None:
-    """Features that arrived for a request's image must have one row per placeholder token."""
+    """Features that arrived for a request's image or video must have one row per placeholder token."""
     rows, wanted = int(features.shape[0]), grid_tokens(ref.grid_thw, merge_size)
     if rows != wanted:
-        return f"mm[{index}]: the features of image {ref.hash[:12]} have {rows} rows, its grid makes {wanted}"
+        return f"mm[{index}]: the features of {ref.kind} {ref.hash[:12]} have {rows} rows, its grid makes {wanted}"
     return None
 
 

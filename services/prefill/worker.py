@@ -21,14 +21,17 @@ from typing import Any
 
 from common.log import get_logger
 from common.protocol import FeatureOffer, FirstToken, KvDest, Prefill, RequestError, Tokens, TokenUpdate
+from common.stage_histograms import PhaseHistograms
 from services.engine.engine import StepError
 from services.engine.sequence import FinishReason
+from services.phase_watch import ScheduleWatch
 from services.prefill.features import FeatureStore
 from services.prefill.kv_sender import KVSender
 from services.prefill.validation import (
     PrefillLimits,
     feature_offer_problem,
     features_problem,
+    grid_tokens,
     kv_dest_problem,
     prefill_problem,
 )  # fmt: skip
@@ -42,6 +45,7 @@ MAX_EARLY_DESTS = 1024  # KV_DESTs held for a PREFILL not here yet; the oldest g
 class _Waiting:
     msg: Prefill
     deadline: float
+    arrived: float = 0.0  # time.perf_counter()
 
 
 @dataclass(slots=True)
@@ -49,6 +53,7 @@ class _Admitted:
     prompt: list[int]
     rope_delta: int
     first_sent: bool = False
+    started: float = 0.0  # time.perf_counter() when the step that ran its first chunk began
 
 
 @dataclass(slots=True)
@@ -84,6 +89,9 @@ class PrefillWorker:
         self.admitted: dict[str, _Admitted] = {}
         self.routes: dict[str, _Route] = {}  # requests whose KV leaves for a decode instance
         self._early: OrderedDict[str, KvDest] = OrderedDict()
+        # feature_wait, prefill_queue, prefill, decode_step (common/stage_histograms.py)
+        self.phases = PhaseHistograms()
+        self.unscheduled = ScheduleWatch(engine.scheduler, self.phases, "prefill_queue")
 
     def add_features(self, hash_: str, features: Any) -> None:
         """From an encoder in this same process."""
@@ -110,7 +118,7 @@ class PrefillWorker:
             self.refusals.count(msg, problem)
             self.io.to_gateway(RequestError(request_id=rid, message=problem, status=400))
             return
-        self.waiting[rid] = _Waiting(msg, time.monotonic() + msg.deadline_s)
+        self.waiting[rid] = _Waiting(msg, time.monotonic() + msg.deadline_s, time.perf_counter())
         for ref in msg.mm:
             self.features.cache.pin(ref.hash)
         if self.kv_sender is not None:
@@ -161,6 +169,7 @@ class PrefillWorker:
         self._early.pop(request_id, None)
         self.engine.abort(request_id)
         self.admitted.pop(request_id, None)
+        self.unscheduled.drop(request_id)
 
     # ---- progress ----------------------------------------------------------------------------------
 
@@ -171,7 +180,7 @@ class PrefillWorker:
         for rid, w in list(self.waiting.items()):
             if now > w.deadline:
                 missing = sum(not self.features.has(r.hash) for r in w.msg.mm)
-                self._fail(rid, f"timed out waiting for the features of {missing} image(s)", 504)
+                self._fail(rid, f"timed out waiting for the features of {missing} image(s) or video(s)", 504)
         if self.kv_sender is not None:
             for rid, error in self.kv_sender.poll():
                 self._fail(rid, error, 502)
@@ -183,7 +192,13 @@ class PrefillWorker:
 
     def step(self) -> None:
         updates = []
-        for out in self._engine_step():
+        began = time.perf_counter()
+        outputs = self._engine_step()
+        ended = time.perf_counter()  # the first tokens are on the host: no sync to add
+        for rid in self.unscheduled.scheduled(began):
+            if (req := self.admitted.get(rid)) is not None:
+                req.started = began
+        for out in outputs:
             rid = out.request_id
             req = self.admitted.get(rid)
             if req is None:
@@ -200,10 +215,12 @@ class PrefillWorker:
                 )  # fmt: skip
             else:
                 req.first_sent = True
+                self.phases.observe("prefill", ended - (req.started or began))
                 self._first_token(rid, req, out)
             if out.finished or self.kv_sender is not None:
                 del self.admitted[rid]
-        if updates:
+        if updates:  # this step decoded (a mixed step with prompt chunks counts too)
+            self.phases.observe("decode_step", ended - began)
             self.io.to_gateway(Tokens(updates=updates))
         if self.kv_sender is not None:
             self.kv_sender.flush()
@@ -232,6 +249,7 @@ class PrefillWorker:
         first = FirstToken(
             request_id=rid, token_id=out.new_token_ids[0], num_prompt_tokens=len(req.prompt),
             finished=out.finished, finish_reason=out.finish_reason, logprobs=out.logprobs,
+            num_cached_tokens=out.num_cached_tokens,
         )  # fmt: skip
         self.io.to_gateway(first)
         if self.kv_sender is None:
@@ -249,6 +267,8 @@ class PrefillWorker:
                 continue
             del self.waiting[rid]
             msg = w.msg
+            if msg.mm:
+                self.phases.observe("feature_wait", time.perf_counter() - w.arrived)
             try:
                 self._admit(msg, feats)
             except ValueError as exc:
@@ -263,9 +283,15 @@ class PrefillWorker:
         for i, (ref, f) in enumerate(zip(msg.mm, feats, strict=True)):
             if problem := features_problem(i, ref, f, self.limits.merge_size):
                 raise ValueError(problem)
-        inputs = self.family.model_inputs(msg.token_ids, [tuple(r.grid_thw) for r in msg.mm], feats)
-        self.engine.add_request(msg.request_id, msg.token_ids, msg.params, inputs)
+        inputs = self.family.model_inputs(
+            msg.token_ids, [tuple(r.grid_thw) for r in msg.mm], feats,
+            [r.kind for r in msg.mm], [r.second_per_grid_t for r in msg.mm],
+        )  # fmt: skip
+        # placeholder counts from the grids, which the validation checked against the prompt
+        items = [(r.hash, grid_tokens(tuple(r.grid_thw), self.family.merge_size)) for r in msg.mm]
+        self.engine.add_request(msg.request_id, msg.token_ids, msg.params, inputs, items)
         self.admitted[msg.request_id] = _Admitted(msg.token_ids, inputs.rope_delta)
+        self.unscheduled.queued(msg.request_id)
         log.info(
             "prefill admitted",
             request_id=msg.request_id,

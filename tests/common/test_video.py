@@ -393,7 +393,7 @@ def clip() -> bytes:
     [
         (lambda clip: np.random.default_rng(0).bytes(5000), "cannot decode the video: Invalid data"),
         (lambda clip: clip[: len(clip) // 2], "cannot decode the video: Invalid data"),
-        (lambda clip: b"", "cannot decode the video"),
+        (lambda clip: b"", "the video is empty"),
         (lambda clip: _empty_container("mp4"), "the video has no frames"),
         (lambda clip: _empty_container("avi"), "the video has no frames"),
         (lambda clip: _encode_audio("mp4", "aac"), "no video stream, only audio"),

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from common.stage_histograms import PHASES
 from tests.e2e.conftest import image_message
 from tests.e2e.stack import running_stack
+from tests.reference import make_image
 
 LONG = 3800  # tokens: a stream that runs for seconds on the tiny model
 
@@ -46,6 +49,65 @@ def wait_until(condition, timeout: float, step: float = 0.2) -> bool:
             return True
         time.sleep(step)
     return False
+
+
+STAGE_PHASES = {
+    "E": {"encode_queue", "encode"},
+    "P": {"feature_wait", "prefill_queue", "prefill"},
+    "D": {"kv_transfer", "decode_queue", "decode_step"},
+}
+
+
+def stage_figures(stack) -> tuple[dict[str, set[str]], dict[str, dict[str, float]], dict[str, dict]]:
+    """From /metrics: each role's instances, each instance's phase counts, and the samples of the
+    cache and transfer counters by name."""
+    roles: dict[str, set[str]] = {}
+    phases: dict[str, dict[str, float]] = {}
+    counters: dict[str, dict] = {}
+    for family in text_string_to_metric_families(stack.metrics()):
+        for s in family.samples:
+            if s.name == "epd_stage_queue_depth":
+                roles.setdefault(s.labels["stage"], set()).add(s.labels["instance"])
+            elif s.name == "epd_stage_phase_seconds_count":
+                phases.setdefault(s.labels["instance"], {})[s.labels["phase"]] = s.value
+            elif s.name.startswith(("epd_encoder_cache_", "epd_transfer_bytes")):
+                counters.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return roles, phases, counters
+
+
+def test_every_stage_times_its_phases_and_counts_cache_hits(stack, client):
+    """One new image twice: a miss then a hit at the encoder, and every phase timed at an instance of
+    the role that owns it (the stages' heartbeats bring them within a second)."""
+    image = make_image(98, 70, seed=1234)  # no other test sends it: its first ENCODE is a miss
+    for _ in range(2):
+        reply = client.chat.completions.create(
+            model=model_name(client), messages=image_message(image), max_tokens=4
+        )
+        assert reply.choices[0].finish_reason in ("length", "stop")
+
+    def timed() -> bool:
+        roles, phases, counters = stage_figures(stack)
+        at_role = {
+            role: {p for inst in roles.get(role, ()) for p, n in phases.get(inst, {}).items() if n > 0}
+            for role in STAGE_PHASES
+        }
+        hits = counters.get("epd_encoder_cache_hits_total", {})
+        misses = counters.get("epd_encoder_cache_misses_total", {})
+        return (
+            all(at_role[r] >= want for r, want in STAGE_PHASES.items())
+            and any(n > 0 and ("modality", "image") in k for k, n in hits.items())
+            and any(n > 0 and ("modality", "image") in k for k, n in misses.items())
+        )
+
+    assert wait_until(timed, 10), stage_figures(stack)
+    roles, phases, counters = stage_figures(stack)
+    assert set().union(*STAGE_PHASES.values()) == set(PHASES)
+    encoders = roles["E"]
+    assert set(counters["epd_encoder_cache_hits_total"]) <= {
+        (("instance", e), ("modality", "image")) for e in encoders
+    }
+    backends = {dict(k)["backend"] for k in counters["epd_transfer_bytes_total"]}
+    assert backends and "" not in backends, counters["epd_transfer_bytes_total"]
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,9 @@ def test_topology_serves_transformers_answers(topology, tiny_qwen2_vl, tmp_path,
         assert "".join(parts) == expected[0]
         assert usage is not None and usage.completion_tokens == reply.usage.completion_tokens
         assert finish == reply.choices[0].finish_reason
+        # the same prompt again: its KV but the last block came from the prefill's prefix cache
+        assert reply.usage.prompt_tokens_details.cached_tokens == 0
+        assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16
 
         assert ask_concurrently(stack.base_url, model, images, MAX_TOKENS) == expected
     assert not stack.stage_pids(), "stage processes outlived `epd-serve up`"

@@ -30,7 +30,10 @@ async def test_chat_completion_returns_the_backends_text_and_usage(client, fake,
     }
     assert choice["finish_reason"] == "length"
     prompt = len(request.token_ids)
-    assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": 7, "total_tokens": prompt + 7}
+    assert body["usage"] == {
+        "prompt_tokens": prompt, "completion_tokens": 7, "total_tokens": prompt + 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }  # fmt: skip
     assert request.token_ids == tokenizer.render_chat_ids([{"role": "user", "content": "Hello!"}])
     assert request.images == []
     assert fake.aborts == [] and fake.closed == [request.request_id], "a finished request must not be aborted"
@@ -84,7 +87,9 @@ async def test_text_completion_whole_and_streamed(client, fake, tokenizer) -> No
     assert request.token_ids == [11, 12, 13] and events[-1] == "[DONE]"
     text = "".join(e["choices"][0]["text"] for e in events[:-2])
     assert text == tokenizer.decode(fake.expected_ids(request, 4))
-    assert events[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert events[-2]["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 0}
+    }  # fmt: skip
 
 
 async def test_images_are_measured_hashed_and_expanded_in_prompt_order(

@@ -12,7 +12,15 @@ import json
 import subprocess
 import sys
 
-COMMON_MODULES = ["common.tokenizer", "common.hashing", "common.prompting", "common.vision_geometry"]
+COMMON_MODULES = [
+    "common.tokenizer",
+    "common.hashing",
+    "common.prompting",
+    "common.vision_geometry",
+    "common.video",
+    "common.video_sampling",
+    "common.video_plan",
+]
 
 CODE = f"""
 import importlib, json, pkgutil, sys

@@ -41,7 +41,13 @@ async def scrape(model_dir, tokenizer) -> AsyncIterator[Callable[[Cluster], Awai
 
 def cluster_with(instance_id: str, roles: str, load: Load) -> Cluster:
     cluster = Cluster("m", 4096)
-    info = InstanceInfo(instance_id=instance_id, roles=roles, address="tcp://127.0.0.1:1", model="m")
+    info = InstanceInfo(
+        instance_id=instance_id,
+        roles=roles,
+        address="tcp://127.0.0.1:1",
+        model="m",
+        dataplane={"backend": "tcp"},
+    )
     assert cluster.registry.admit(info) == (None, None)
     assert cluster.registry.heartbeat(instance_id, load)
     return cluster
@@ -60,7 +66,7 @@ async def test_an_instance_id_with_quotes_backslashes_and_newlines_is_escaped(sc
     assert samples(families, "epd_stage_queue_depth") == {
         (("instance", AWKWARD_ID), ("stage", stage)): depth for stage, depth in (("E", 2), ("P", 3), ("D", 3))
     }
-    assert samples(families, "epd_transfer_bytes_total") == {instance: 4096}
+    assert samples(families, "epd_transfer_bytes_total") == {(("backend", "tcp"), *instance): 4096}
     assert samples(families, "epd_stage_inflight_requests") == {instance: 0}
     names = {f.name for f in families}
     assert {"epd_gateway_requests", "epd_gateway_time_to_first_token_seconds"} <= names, "one exposition"

@@ -75,7 +75,43 @@ def bad_prefills(loaded):
                 {"mm": [MMRef(hash=h, grid_thw=other.grid_thw, num_tokens=4)]},
                 "mm: token_ids",
             ),
-            ("two images, one run", {"mm": [ref, ref]}, "mm: token_ids hold image placeholder runs of [20]"),
+            ("two images, one run", {"mm": [ref, ref]}, "mm: token_ids hold placeholder runs of [image 20]"),
+            (
+                "unknown kind",
+                {"mm": [MMRef(hash=h, grid_thw=item.grid_thw, num_tokens=20, kind="audio")]},
+                "mm[0].kind 'audio'",
+            ),
+            (
+                "a video where the prompt has an image",
+                {
+                    "mm": [
+                        MMRef(
+                            hash=h, grid_thw=item.grid_thw, num_tokens=20, kind="video", second_per_grid_t=1.0
+                        )
+                    ]
+                },
+                "runs of [image 20], the items make [video 20]",
+            ),
+            (
+                "a video without its seconds",
+                {
+                    "mm": [
+                        MMRef(
+                            hash=h,
+                            grid_thw=(2, 8, 10),
+                            num_tokens=40,
+                            kind="video",
+                            second_per_grid_t=math.nan,
+                        )
+                    ]
+                },
+                "mm[0].second_per_grid_t",
+            ),
+            (
+                "an image of two frames",
+                {"mm": [MMRef(hash=h, grid_thw=(2, 8, 10), num_tokens=40)]},
+                "an image has one",
+            ),
             (
                 "long hash",
                 {"mm": [MMRef(hash="h" * 300, grid_thw=item.grid_thw, num_tokens=20)]},

@@ -24,6 +24,7 @@ EXPECTED_FILES = {
     "tiny_model.json",
     "tokenizer.json",
     "tokenizer_config.json",
+    "video_preprocessor_config.json",
 }
 
 

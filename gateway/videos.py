@@ -1,0 +1,84 @@
+"""Video parts of a request: fetch the bytes, probe them within the limits, plan the frames and tokens.
+
+The gateway does not decode a video: decoding and resizing the sampled frames is the heavy part of
+its preprocessing, and it belongs to the encode stage, which scales apart from the gateway. What the
+prompt needs is known without it: a probe (the container's header, the demuxed packet count, the
+first frame; `common.video.probe_video`) gives the frame count, rate and upright size, from which the
+checkpoint's sampling rule gives the grid and the `<|video_pad|>` count (`common.video_plan`). Every
+limit is checked by the probe, so a video too long, too large, corrupt or empty is a 400 now, not an
+encoder's error after routing. The bytes travel unchanged to the encoder with the settings planned
+here; its features are cached under the bytes and those settings together.
+
+Sources: `data:video/...;base64,` URIs, and local files (an absolute path or a `file://` URI) inside
+the folders the operator allowed, as for images. Remote http(s) URLs are refused.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.media import MediaError, decode_data_uri, read_local_file
+from common.video import VideoLimits, probe_video
+from common.video_plan import plan_video, settings_of, video_key
+from common.video_sampling import VideoSampling
+from gateway.backend import ImageInput
+from gateway.errors import bad_request
+
+
+class VideoLoader:
+    def __init__(
+        self, sampling: VideoSampling, limits: VideoLimits, allowed_dirs: Sequence[Path] = ()
+    ) -> None:
+        self.sampling = sampling
+        self.settings = settings_of(sampling)
+        self.limits = limits
+        self.allowed_dirs = [Path(d).resolve() for d in allowed_dirs]
+
+    def load(self, url: str, param: str) -> ImageInput:
+        """The bytes, plan and cache key of the video at `url`; a 400 naming `param` when unusable."""
+        try:
+            data = self._fetch(url)
+            probe = probe_video(data, limits=self.limits)
+            plan = plan_video(probe, self.sampling)
+        except (MediaError, ValueError) as exc:  # ValueError: num_frames above the video's, aspect ratio
+            raise bad_request(f"{param}: {exc}", param=param) from None
+        return ImageInput(
+            hash=video_key(data, self.settings),
+            data=data,
+            width=probe.width,
+            height=probe.height,
+            grid_thw=plan.grid_thw,
+            num_tokens=plan.num_tokens,
+            kind="video",
+            second_per_grid_t=plan.second_per_grid_t,
+            video=self.settings,
+        )
+
+    def _fetch(self, url: str) -> bytes:
+        if url.startswith("data:"):
+            return decode_data_uri(url, max_bytes=self.limits.max_bytes)
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme in ("http", "https"):
+            raise MediaError("video URLs over http(s) are not fetched by this server; send a data: URI")
+        if scheme == "file":
+            if parts.netloc not in ("", "localhost"):
+                raise MediaError(f"file:// URIs must name a local file, got host {parts.netloc!r}")
+            return self._read_file(urllib.parse.unquote(parts.path))
+        if url.startswith("/"):
+            return self._read_file(url)
+        raise MediaError(
+            "unsupported video URL: expected a data: URI, a file:// URI or an absolute file path"
+        )
+
+    def _read_file(self, path: str) -> bytes:
+        """A local video, if it lies inside an allowed folder (`media.read_local_file`'s rules)."""
+        if not self.allowed_dirs:
+            raise MediaError("local video files are not allowed on this server; send a data: URI")
+        if not path.startswith("/"):
+            raise MediaError(f"local video paths must be absolute, got {path!r}")
+        return read_local_file(
+            path, allowed_dirs=self.allowed_dirs, max_bytes=self.limits.max_bytes, kind="video"
+        )
