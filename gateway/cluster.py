@@ -23,19 +23,15 @@ from prometheus_client.registry import Collector
 from common.mailbox import Mailbox
 from common.protocol import (
     Abort,
-    Encode,
     FirstToken,
     Heartbeat,
-    KvReserve,
-    MMItem,
-    MMRef,
-    Prefill,
     Register,
     RegisterAck,
     RequestError,
     Tokens,
 )  # fmt: skip
 from common.stack_keys import StackKeys
+from gateway import stage_messages
 from gateway.backend import BackendError, GenerateRequest, TokenEvent
 from gateway.flights import Flight, Flights
 from gateway.instance_metrics import InstanceCollector, StageClock, StageTimings
@@ -169,40 +165,13 @@ class Cluster:
         assert self.mailbox is not None
         if decode is not prefill:
             self.flights.hold(flight, decode, "D", rid)
-            self.mailbox.send(
-                decode.address,
-                KvReserve(
-                    request_id=rid, num_prompt_tokens=len(req.token_ids), params=req.params,
-                    prefill_id=prefill.id, prefill_address=prefill.address,
-                ),
-            )  # fmt: skip
+            self.mailbox.send(decode.address, stage_messages.kv_reserve(req, prefill))
         if encode is not None:
             self.flights.hold(flight, encode, "E", rid)
-            items = [
-                MMItem(hash=img.hash, frame=i, kind=img.kind, video=img.video)
-                for i, img in enumerate(req.images)
-            ]
-            msg = Encode(
-                request_id=rid, items=items, prefill_id=prefill.id, prefill_address=prefill.address,
-                prefill_dataplane=prefill.info.dataplane,
-            )  # fmt: skip
-            self.mailbox.send(encode.address, msg, [img.data for img in req.images])
+            self.mailbox.send(encode.address, *stage_messages.encode(req, prefill))
             reg.remember_encoded(hashes, encode.id)
         self.flights.hold(flight, prefill, "P", rid)
-        mm = [
-            MMRef(
-                hash=i.hash, grid_thw=tuple(i.grid_thw), num_tokens=i.num_tokens, kind=i.kind,
-                second_per_grid_t=i.second_per_grid_t,
-            )
-            for i in req.images
-        ]  # fmt: skip
-        self.mailbox.send(
-            prefill.address,
-            Prefill(
-                request_id=rid, token_ids=req.token_ids, params=req.params, mm=mm,
-                decode_id=decode.id, decode_address=decode.address, deadline_s=self.prefill_deadline_s,
-            ),
-        )  # fmt: skip
+        self.mailbox.send(prefill.address, stage_messages.prefill(req, decode, self.prefill_deadline_s))
         return flight
 
     def _end(self, rid: str, finished: bool) -> None:

@@ -39,6 +39,8 @@ def content_part(part: Any, where: str, prompt: ChatPrompt) -> dict[str, Any]:
     if not isinstance(part, dict):
         raise bad_request(f"{where} must be an object with a 'type', got {type(part).__name__}", param=where)
     kind = part.get("type")
+    if not isinstance(kind, str):
+        raise bad_request(f"{where}.type must be a string, got {type(kind).__name__}", param=f"{where}.type")
     if kind == "text":
         if not isinstance(part.get("text"), str):
             raise bad_request(f"{where}.text must be a string", param=f"{where}.text")
