@@ -49,8 +49,8 @@ def video_message(video: bytes, image) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    ("topology", "family"), [("EPD1", "qwen2_vl"), ("E1 P1 D1", "qwen2_vl"), ("E1 P1 D1", "qwen2_5_vl")]
-)
+    ("topology", "family"), [("EPD1", "qwen2_vl"), ("E1 P1 D1", "qwen2_5_vl")]
+)  # the split stack with the family whose positions also need the seconds per patch
 def test_a_video_request_gets_transformers_answer(topology, family, tmp_path, request):
     """Qwen2.5-VL's temporal positions count seconds: the clip's 0.5 s per temporal patch must reach
     the prefill stage's M-RoPE through the wire."""

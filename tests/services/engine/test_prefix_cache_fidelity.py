@@ -17,6 +17,15 @@ from tests.reference import hf_greedy, make_image, max_logit_diff
 from tests.services.engine.test_fidelity import prompt
 
 TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_qwen2_vl):
+    """One family: the cache is family-independent (keys are tokens and content hashes), and
+    M-RoPE with images is the same code path in both."""
+    return tiny_qwen2_vl
+
+
 PICTURE, OTHER = make_image(140, 100, seed=1), make_image(140, 100, seed=2)
 QUESTION = "What is in this picture? Answer in one long sentence."
 CASES = [
