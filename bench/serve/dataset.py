@@ -50,10 +50,13 @@ class DatasetConfig:
     image_sizes: tuple[tuple[int, int], ...] = ((224, 224),)  # (width, height) choices
     text_only_fraction: float = 0.0
     repeat_image_fraction: float = 0.0  # of all image slots: reuse an image of an earlier request
+    system_prompt_len: int = 0  # words of a system prompt every request shares (prefix caching)
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1 or self.output_len < 1:
             raise ValueError("prompt and output lengths must be at least 1")
+        if self.system_prompt_len < 0:
+            raise ValueError("the system prompt length must not be negative")
         if self.images < 0:
             raise ValueError("images per request must not be negative")
         if not self.image_sizes or any(w < 1 or h < 1 for w, h in self.image_sizes):
@@ -78,13 +81,17 @@ class BenchRequest:
     image_ids: tuple[int, ...] = ()  # distinct image number of each image; repeats share one
     repeated: int = 0  # how many of the images repeat one of an earlier request
     image_sizes: tuple[tuple[int, int], ...] = field(default=())
+    system_prompt: str = ""  # shared by every request of the run; "" sends no system message
 
     def payload(self, model: str | None) -> dict[str, Any]:
         """The JSON body: streamed, usage at the end, greedy, exactly `output_len` tokens."""
         content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in self.images]
         content.append({"type": "text", "text": self.prompt})
+        messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
         body: dict[str, Any] = {
-            "messages": [{"role": "user", "content": content}],
+            "messages": messages,
             "max_tokens": self.output_len,
             "ignore_eos": True,
             "temperature": 0.0,
@@ -136,9 +143,14 @@ def build_dataset(config: DatasetConfig, num_requests: int, seed: int, stream: i
 
     `stream` gives an independent workload of the same shape from the same seed: each load point of a
     sweep uses its own, so images and prompts of one load point are never cached from the previous one.
+    The system prompt is the seed's alone: one for the whole run, as a deployment's would be.
     """
     if num_requests < 0:
         raise ValueError("num_requests must not be negative")
+    system = np.random.default_rng([seed & 0xFFFFFFFF, 1 << 30])
+    system_prompt = (
+        " ".join(system.choice(WORDS, size=config.system_prompt_len)) if config.system_prompt_len else ""
+    )
     rng = np.random.default_rng([seed & 0xFFFFFFFF, stream])
     n_text_only = round(config.text_only_fraction * num_requests) if config.images else num_requests
     text_only = {int(i) for i in rng.choice(num_requests, size=n_text_only, replace=False)}
@@ -176,6 +188,7 @@ def build_dataset(config: DatasetConfig, num_requests: int, seed: int, stream: i
                 image_ids=tuple(c[0] for c in chosen),
                 repeated=repeated,
                 image_sizes=tuple(c[2] for c in chosen),
+                system_prompt=system_prompt,
             )
         )
     return requests

@@ -149,6 +149,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="share of requests without images (0)")
     data.add_argument("--repeat-image-fraction", type=fraction, default=0.0, metavar="F",
                       help="share of images reusing one of an earlier request (embedding cache hits; 0)")
+    data.add_argument("--system-prompt-len", type=int, default=0, metavar="WORDS",
+                      help="words of a system prompt every request shares, the same for the whole run "
+                           "(prefix cache hits; default 0: no system message)")
 
     out = p.add_argument_group("SLO and output")
     out.add_argument("--slo-ttft-ms", type=float, default=2000.0, metavar="MS",

@@ -59,6 +59,7 @@ def dataset_config(args: argparse.Namespace) -> DatasetConfig:
         prompt_len=args.prompt_len, prompt_len_range=args.prompt_len_range, output_len=args.output_len,
         output_len_range=args.output_len_range, images=args.images, image_sizes=tuple(args.image_size),
         text_only_fraction=args.text_only_fraction, repeat_image_fraction=args.repeat_image_fraction,
+        system_prompt_len=args.system_prompt_len,
     )  # fmt: skip
 
 
@@ -225,6 +226,8 @@ def _workload_line(args: argparse.Namespace, model_dir: str | None) -> str:
     ]
     if args.text_only_fraction or args.repeat_image_fraction:
         parts.append(f"text-only {args.text_only_fraction:g}, repeated images {args.repeat_image_fraction:g}")
+    if args.system_prompt_len:
+        parts.append(f"a shared system prompt of {args.system_prompt_len} words")
     return "; ".join(parts)
 
 

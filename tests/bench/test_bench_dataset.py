@@ -81,3 +81,18 @@ def test_bad_shapes_are_refused():
     ]:
         with pytest.raises(ValueError):
             DatasetConfig(**bad)
+
+
+def test_a_system_prompt_is_shared_by_every_request_of_every_stream():
+    config = DatasetConfig(
+        prompt_len=10, output_len=4, images=1, image_sizes=((56, 56),), system_prompt_len=30
+    )
+    first, later = build_dataset(config, 4, seed=2), build_dataset(config, 4, seed=2, stream=3)
+    systems = {r.payload(None)["messages"][0]["content"] for r in first + later}
+    assert len(systems) == 1 and len(systems.pop().split()) == 30
+    assert all(r.payload(None)["messages"][0]["role"] == "system" for r in first)
+    assert [m["role"] for m in build_dataset(DatasetConfig(), 1, seed=2)[0].payload(None)["messages"]] == [
+        "user"
+    ]
+    with pytest.raises(ValueError, match="system prompt"):
+        DatasetConfig(system_prompt_len=-1)
