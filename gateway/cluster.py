@@ -35,6 +35,7 @@ from gateway import stage_messages
 from gateway.backend import BackendError, GenerateRequest, TokenEvent
 from gateway.flights import Flight, Flights
 from gateway.instance_metrics import InstanceCollector, StageClock, StageTimings
+from gateway.prefix_affinity import PrefixAffinity
 from gateway.registry import Instance, Registry
 
 log = logging.getLogger("epd.gateway.cluster")
@@ -60,6 +61,7 @@ class Cluster:
         self._control_address = control_address
         self.keys = keys
         self.flights = Flights(self.registry)
+        self.affinity = PrefixAffinity()
         self._tasks: list[asyncio.Task] = []
         self.ctx: zmq.asyncio.Context | None = None
         self.mailbox: Mailbox | None = None
@@ -145,9 +147,14 @@ class Cluster:
 
     def _place(self, req: GenerateRequest) -> Flight:
         reg = self.registry
-        prefill = reg.least_loaded("P")
-        if prefill is None:
+        prefills = reg.candidates("P")
+        if not prefills:
             raise BackendError(503, "no live prefill instance")
+        keys = []
+        if len(prefills) > 1:  # where this prompt's prefix was computed last: its KV may be cached there
+            keys = self.affinity.keys(req.token_ids, [(m.hash, m.num_tokens) for m in req.images])
+        prefill, _ = self.affinity.choose(keys, prefills, reg.load_order)
+        self.affinity.remember(keys, prefill.id)
         decode = prefill if prefill.has("D") else reg.least_loaded("D")
         if decode is None:
             raise BackendError(503, "no live decode instance")

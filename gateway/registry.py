@@ -138,14 +138,21 @@ class Registry:
     def with_role(self, role: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.has(role)]
 
+    def candidates(self, role: str) -> list[Instance]:
+        """The instances that may get new work for `role`: those not suspect, or, when every one is
+        suspect, all of them."""
+        every = self.with_role(role)
+        return [i for i in every if not i.suspect] or every
+
+    @staticmethod
+    def load_order(inst: Instance) -> tuple:
+        """By requests the gateway has placed there, then by the queue the instance reported."""
+        return len(inst.inflight), inst.load.waiting + inst.load.encode_queue, inst.id
+
     def least_loaded(self, role: str) -> Instance | None:
-        """By requests the gateway has placed there, then by the queue the instance reported; a suspect
-        instance only when every instance of the role is suspect."""
-        candidates = self.with_role(role)
-        candidates = [i for i in candidates if not i.suspect] or candidates
-        if not candidates:
-            return None
-        return min(candidates, key=lambda i: (len(i.inflight), i.load.waiting + i.load.encode_queue, i.id))
+        """The least loaded of `candidates(role)` (see `load_order`)."""
+        candidates = self.candidates(role)
+        return min(candidates, key=self.load_order) if candidates else None
 
     def encoder_for(self, hashes: list[str]) -> Instance | None:
         """Cache affinity first (an instance that encoded one of these items), then load."""
