@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, swap_space_bytes=int(args.swap_space * 2**30),
             threads=args.threads, keys=keys, enable_prefix_caching=args.enable_prefix_caching,
+            encoder_dtype=None if args.encoder_dtype == "auto" else args.encoder_dtype,
         )  # fmt: skip
     except ValueError as exc:
         print(f"epd-serve serve: error: {exc}", file=sys.stderr)

@@ -51,6 +51,7 @@ class StackConfig:
     max_num_batched_tokens: int = 2048
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV per process; 0: never swap
     enable_prefix_caching: bool = True
+    encoder_dtype: str = "auto"
     threads: int = 1
     cpus: list[str] = field(default_factory=list)  # per process, in topology order
     allowed_local_media_dirs: list[str] = field(default_factory=list)
@@ -160,6 +161,8 @@ class Stack:
             cmd.append("--enforce-eager")
         if not c.enable_prefix_caching:
             cmd.append("--no-enable-prefix-caching")
+        if c.encoder_dtype != "auto" and "E" in roles:
+            cmd += ["--encoder-dtype", c.encoder_dtype]
         if c.kv_staging != "auto":
             cmd += ["--kv-staging", c.kv_staging]
         if c.dtype:

@@ -35,6 +35,9 @@ class HostConfig:
     max_model_len: int | None = None
     swap_space_bytes: int = 4 << 30  # host memory for swapped-out KV per engine; 0: never swap
     enable_prefix_caching: bool = True  # share full KV blocks between prompts with the same prefix
+    encoder_dtype: str | None = (
+        None  # the encoder's own dtype (services/models/encoder_dtype.py); None: dtype
+    )
     encode_cache_bytes: int = 512 * 2**20
     max_encode_batch: int = 16
     threads: int | None = None

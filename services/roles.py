@@ -37,6 +37,10 @@ def build_roles(c: HostConfig, io: Any) -> Roles:
     from services.models.loader import load_model
 
     model = load_model(c.model_dir, device=c.device, dtype=c.dtype, roles=c.roles)
+    if c.encoder_dtype and "E" in c.roles:
+        from services.models.encoder_dtype import set_encoder_dtype
+
+        set_encoder_dtype(model.family, c.encoder_dtype)
     backend = resolve_backend(c.dataplane, same_host=True, device=c.device)
     where = {"device": c.device} if backend == "torchdist" else {}  # its library follows the device
     dataplane = create_dataplane(

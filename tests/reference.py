@@ -28,12 +28,15 @@ def hf_greedy(
     max_new_tokens: int,
     kinds: list[str] | None = None,
     second_per_grid_ts: list[float] | None = None,
+    encoder_dtype: str | None = None,
 ):
     """Greedy tokens and per-token logits of transformers' generate for one prompt (stops at EOS).
 
     `items` are images unless `kinds` says "video" for some: those go in as `pixel_values_videos`
     and `video_grid_thw`; `second_per_grid_ts` (one per item, read for videos) goes to Qwen2.5-VL."""
     model = hf_model(str(path))
+    if encoder_dtype is not None:  # the vision tower alone in another dtype, as --encoder-dtype does
+        model.model.visual.to(getattr(torch, encoder_dtype))
     ids = torch.tensor([token_ids])
     kinds = kinds or ["image"] * len(items)
     kwargs = {}

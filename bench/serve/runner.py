@@ -179,7 +179,7 @@ async def bench(args: argparse.Namespace, model_dir: str | None) -> dict[str, An
         enforce_eager=args.enforce_eager, kv_staging=args.kv_staging, devices=args.devices,
         devices_for=list(args.devices_for),
         max_num_seqs=args.max_num_seqs, swap_space=args.swap_space, ready_timeout=args.ready_timeout,
-        enable_prefix_caching=args.enable_prefix_caching,
+        enable_prefix_caching=args.enable_prefix_caching, encoder_dtype=args.encoder_dtype,
     )  # fmt: skip
     targets: list[tuple[str, Callable[[], Any]]]
     if args.base_url:

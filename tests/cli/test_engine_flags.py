@@ -167,3 +167,19 @@ def test_prefix_caching_is_on_by_default_and_the_switch_reaches_every_engine(mon
         args = build_parser().parse_args(base + extra)
         assert args.run(args) == 0
     assert [c.enable_prefix_caching for c in seen] == [True, False]
+
+
+def test_the_encoder_dtype_reaches_only_the_processes_that_encode(monkeypatch):
+    stack = Stack(StackConfig("model", parse_topology("E1 P1 D1"), encoder_dtype="bfloat16"))
+    assert [serve_args(stack, i).encoder_dtype for i in range(3)] == ["bfloat16", "auto", "auto"]
+    assert build_parser().parse_args(["up"]).encoder_dtype == "auto"
+
+    import services.host
+
+    seen = []
+    monkeypatch.setattr(services.host, "serve", lambda config: seen.append(config) or 0)
+    base = ["serve", "--roles", "EP", "--gateway", "tcp://127.0.0.1:1", "--model", "m", "--insecure"]
+    for extra in ([], ["--encoder-dtype", "bfloat16"]):
+        args = build_parser().parse_args(base + extra)
+        assert args.run(args) == 0
+    assert [c.encoder_dtype for c in seen] == [None, "bfloat16"]

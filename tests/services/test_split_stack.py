@@ -77,6 +77,29 @@ def test_every_dataplane_gives_transformers_tokens(dataplane, family, request):
     assert asyncio.run(run()) == expected
 
 
+def test_a_bfloat16_encoder_process_feeds_a_float32_prefill(tiny_qwen2_vl):
+    """The encode process casts its tower (--encoder-dtype): bfloat16 features cross the data plane
+    and enter the float32 prompt as transformers' own cast would put them."""
+    loaded = load_model(tiny_qwen2_vl)
+    req, img = request_with_image(tiny_qwen2_vl, loaded.tokenizer, "bf16", 112, 84, 7)
+    item = loaded.family.preprocess(img)
+    expected = hf_greedy(tiny_qwen2_vl, loaded.family, req.token_ids, [item], 12, encoder_dtype="bfloat16")[0]
+
+    async def run():
+        config = StackConfig(
+            str(tiny_qwen2_vl), parse_topology("E1 P1 D1"), dataplane="shm", kv_cache_memory=16,
+            encoder_dtype="bfloat16",
+        )  # fmt: skip
+        stack = Stack(config)
+        try:
+            await stack.start(http=False)
+            return await collect(stack.cluster, req)
+        finally:
+            await stack.stop()
+
+    assert asyncio.run(run()) == expected
+
+
 def test_abort_mid_decode_frees_the_decode_blocks(tiny_qwen2_vl):
     loaded = load_model(tiny_qwen2_vl)
     req, _ = request_with_image(tiny_qwen2_vl, loaded.tokenizer, "long", 140, 112, 0, max_tokens=2000)
