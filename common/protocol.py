@@ -83,7 +83,7 @@ class Heartbeat(Msg):
 # ---- encode ---------------------------------------------------------------------------------------
 
 
-MM_KINDS = ("image", "video")
+MM_KINDS = ("image", "video", "audio")
 
 
 class VideoSettings(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -106,6 +106,9 @@ class MMItem(msgspec.Struct, kw_only=True):
     frame: int = -1  # index of the raw frame with the encoded media; -1: the encoder holds it already
     kind: str = "image"  # one of MM_KINDS
     video: VideoSettings | None = None  # with kind "video"
+    # kind "audio": the duration the gateway cut the decoded clip to (its max_audio_seconds), so the
+    # encoder cuts it the same way and makes the token count the prompt was expanded with
+    max_seconds: float = 0.0
 
 
 class Encode(Msg):
@@ -143,6 +146,7 @@ class MMRef(msgspec.Struct, kw_only=True):
     grid_thw: tuple[int, int, int]
     num_tokens: int
     kind: str = "image"  # one of MM_KINDS: which placeholder token its run in token_ids uses
+    # an image's or video's patch grid; an audio clip's is (1, 1, its token count)
     second_per_grid_t: float = 0.0  # a video's seconds per temporal patch (Qwen2.5-VL's M-RoPE)
 
 

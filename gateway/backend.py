@@ -39,17 +39,19 @@ FINISH_REASONS = ("stop", "length", "abort")
 
 @dataclass(slots=True)
 class ImageInput:
-    """One validated image or video of a request, in prompt order (`kind` says which)."""
+    """One validated image, video or audio clip of a request, in prompt order (`kind` says which)."""
 
     hash: str  # the embedding-cache key: content_hash(data); a video's covers its settings too
-    data: bytes  # the encoded image (PNG, JPEG, ...) or video (MP4, ...) exactly as received
-    width: int  # pixels, after the EXIF orientation (a video: its display rotation) is applied
+    data: bytes  # the encoded image (PNG, JPEG, ...), video (MP4, ...) or audio exactly as received
+    width: int  # pixels, after the EXIF orientation (a video: its display rotation) is applied; audio 0
     height: int
-    grid_thw: tuple[int, int, int]  # the patch grid the encoder will make (VisionGeometry.grid, video_plan)
+    # the patch grid the encoder will make (VisionGeometry.grid, video_plan); audio: (1, 1, num_tokens)
+    grid_thw: tuple[int, int, int]
     num_tokens: int  # placeholder tokens it takes in `token_ids`
-    kind: str = "image"  # "image" or "video"
+    kind: str = "image"  # "image", "video" or "audio"
     second_per_grid_t: float = 0.0  # a video's seconds per temporal patch (Qwen2.5-VL's M-RoPE)
     video: VideoSettings | None = None  # the sampling a video was planned with, for the encoder
+    max_seconds: float = 0.0  # audio: the duration it was decoded (and counted) within
 
 
 @dataclass(slots=True)

@@ -1,7 +1,7 @@
 """Settings of the gateway's HTTP layer, checked once at start-up.
 
 Every limit that protects the gateway from a client lives here with a safe default: requests come from
-the network, so anything unbounded (image and video bytes, pixels, counts, a video's length, body size,
+the network, so anything unbounded (image, video and audio bytes, pixels, counts, a video's or a clip's length, body size,
 wall time) is a way to exhaust the process. Local image files are refused unless the operator names the folders they may come
 from. Limits no deployment needs to tune (JSON nesting depth, the integer ranges the wire and the engine
 hold) are constants in `gateway.request_limits` and `common.sampling_params`.
@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.audio import DEFAULT_MAX_BYTES as DEFAULT_MAX_AUDIO_BYTES
+from common.audio import DEFAULT_MAX_SECONDS as DEFAULT_MAX_AUDIO_SECONDS
 from common.video import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_FRAME_PIXELS,
@@ -22,6 +24,7 @@ from common.video import (
 )
 
 MiB = 1024 * 1024
+MAX_AUDIO_SECONDS = 600.0  # the encoder's own bound (services/encode/media_items.py)
 
 
 @dataclass(slots=True)
@@ -41,6 +44,11 @@ class GatewayConfig:
     max_video_seconds: float = DEFAULT_MAX_SECONDS  # per video (60 s)
     max_video_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS  # width x height of its frames (3840 x 2160)
     max_video_frames: int = DEFAULT_MAX_TOTAL_FRAMES  # frames in the file, before sampling (7200)
+    # audio (common.audio): bytes before decoding, duration from the header and while decoding
+    max_audios_per_request: int = 4
+    max_audio_bytes: int = DEFAULT_MAX_AUDIO_BYTES  # per clip, encoded (25 MiB, OpenAI's upload limit)
+    # per clip (30 s: Whisper's window, the most Qwen2-Audio's feature extractor keeps)
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
     allowed_local_media_dirs: list[Path] = field(default_factory=list)  # empty: no local paths at all
     max_request_bytes: int = 64 * MiB  # whole JSON body; larger bodies get 413
     request_timeout_s: float | None = 600.0  # arrival to last token; None: no deadline
@@ -76,6 +84,8 @@ class GatewayConfig:
             "max_video_bytes",
             "max_video_frame_pixels",
             "max_video_frames",
+            "max_audios_per_request",
+            "max_audio_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -86,6 +96,10 @@ class GatewayConfig:
             )
         if not self.max_video_seconds > 0:
             raise ValueError(f"max_video_seconds must be positive, got {self.max_video_seconds}")
+        if not 0 < self.max_audio_seconds <= MAX_AUDIO_SECONDS:
+            raise ValueError(
+                f"max_audio_seconds must be in (0, {MAX_AUDIO_SECONDS:g}], got {self.max_audio_seconds}"
+            )
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be positive or None, got {self.request_timeout_s}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:

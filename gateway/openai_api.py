@@ -125,7 +125,9 @@ def check_model(requested: str | None, served: str) -> None:
         )
 
 
-def chat_prompt(request: ChatCompletionRequest, max_images: int, max_videos: int = 0) -> ChatPrompt:
+def chat_prompt(
+    request: ChatCompletionRequest, max_images: int, max_videos: int = 0, max_audios: int = 0
+) -> ChatPrompt:
     """Check roles and content parts; collect the media URLs (their counts are checked before any decode)."""
     if not request.messages:
         raise bad_request("'messages' must not be empty", param="messages")
@@ -148,10 +150,11 @@ def chat_prompt(request: ChatCompletionRequest, max_images: int, max_videos: int
         if message.name is not None:
             entry["name"] = message.name
         prompt.messages.append(entry)
-    for kind, limit in (("image", max_images), ("video", max_videos)):
+    for kind, limit in (("image", max_images), ("video", max_videos), ("audio", max_audios)):
         if (count := prompt.count(kind)) > limit:
+            noun = "audio clips" if kind == "audio" else f"{kind}s"
             raise bad_request(
-                f"too many {kind}s: the request has {count}, the limit is {limit} per request",
+                f"too many {noun}: the request has {count}, the limit is {limit} per request",
                 param="messages",
             )
     return prompt

@@ -1,10 +1,14 @@
 """From a checked OpenAI request to a `GenerateRequest`: media, chat template, placeholders, lengths.
 
-This is the blocking part of a request (image decoding, video probing, template rendering, tokenizing a
-long prompt), so the app runs it in a worker thread and the event loop keeps streaming other requests'
-tokens. The prompt is rendered with one `<|image_pad|>` per image and one `<|video_pad|>` per video,
-then each is expanded to the item's token count (an image's from its size alone, a video's from its
-frame plan: gateway.videos), and only then is the context length checked: images and videos count.
+This is the blocking part of a request (image and audio decoding, video probing, template rendering,
+tokenizing a long prompt), so the app runs it in a worker thread and the event loop keeps streaming
+other requests' tokens. The prompt is rendered with one `<|image_pad|>` per image, one `<|video_pad|>`
+per video and one `<|AUDIO|>` per audio clip, then each is expanded to the item's token count (an
+image's from its size alone, a video's from its frame plan: gateway.videos, a clip's from its decoded
+length: gateway.audios), and only then is the context length checked: media tokens count.
+
+A checkpoint takes images and videos (Qwen2-VL) or audio (Qwen2-Audio: `audio_token_index` in its
+config); a part of a kind it does not take is a 400 naming the part, before any byte is fetched.
 
 Everything cheap comes first, so a refused request costs next to nothing: the sampling fields and
 the prompt's length in characters (`gateway.request_limits`) are checked before any image is decoded
@@ -18,11 +22,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from common.audio_features import AudioGeometry
 from common.prompting import expand_placeholders
 from common.sampling_params import SamplingParams
 from common.tokenizer import ChatTemplateError, TextTokenizer
 from common.video_sampling import VIDEO_PREPROCESSOR_CONFIG, VideoSampling
 from common.vision_geometry import PREPROCESSOR_CONFIG, VisionGeometry
+from gateway.audios import AudioLoader
 from gateway.backend import GenerateRequest, ImageInput
 from gateway.config import GatewayConfig, video_limits
 from gateway.errors import bad_request
@@ -40,6 +46,8 @@ from gateway.videos import VideoLoader
 
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
+AUDIO_TOKEN = "<|AUDIO|>"
+KINDS = ("image", "video", "audio")
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k")
 
 
@@ -50,10 +58,25 @@ class Preprocessor:
         self.config = config
         self.tokenizer = tokenizer
         model_config = _read_json(config.model_dir / "config.json")
-        self.image_token_id = _token_id(model_config, "image_token_id", IMAGE_TOKEN, tokenizer)
-        self.video_token_id = _token_id(model_config, "video_token_id", VIDEO_TOKEN, tokenizer)
+        # An audio model (Qwen2-Audio: `audio_token_index` in its config) takes audio only; its
+        # preprocessor config is a Whisper feature extractor's, not an image processor's.
+        audio_model = isinstance(model_config.get("audio_token_index"), int)
+        self.image_token_id = self.video_token_id = self.audio_token_id = None
+        if audio_model:
+            self.audio_token_id = _token_id(model_config, "audio_token_index", AUDIO_TOKEN, tokenizer)
+        else:
+            self.image_token_id = _token_id(model_config, "image_token_id", IMAGE_TOKEN, tokenizer)
+            self.video_token_id = _token_id(model_config, "video_token_id", VIDEO_TOKEN, tokenizer)
         self.images: ImageLoader | None = None
         self.videos: VideoLoader | None = None
+        self.audios: AudioLoader | None = None
+        if audio_model and (config.model_dir / PREPROCESSOR_CONFIG).is_file():
+            self.audios = AudioLoader(
+                AudioGeometry.from_dir(config.model_dir),
+                max_bytes=config.max_audio_bytes,
+                max_seconds=config.max_audio_seconds,
+                allowed_dirs=config.allowed_local_media_dirs,
+            )
         if (config.model_dir / PREPROCESSOR_CONFIG).is_file() and self.image_token_id is not None:
             self.images = ImageLoader(
                 VisionGeometry.from_dir(config.model_dir),
@@ -61,7 +84,10 @@ class Preprocessor:
                 max_pixels=config.max_image_pixels,
                 allowed_dirs=config.allowed_local_media_dirs,
             )
-        if self.images is not None and self.video_token_id is not None:  # a vision model: videos too
+        # a vision model: videos too, except Qwen3-VL's, whose prompts need per-patch timestamps and
+        # frame plans the gateway does not render yet (docs/qwen3_vl.md): refused, not served wrong
+        videos = model_config.get("model_type") != "qwen3_vl"
+        if self.images is not None and self.video_token_id is not None and videos:
             video_config = _read_json(config.model_dir / VIDEO_PREPROCESSOR_CONFIG)  # else Qwen's defaults
             self.videos = VideoLoader(
                 VideoSampling.from_config(video_config), video_limits(config), config.allowed_local_media_dirs
@@ -69,14 +95,17 @@ class Preprocessor:
         self.sampling_defaults = _sampling_defaults(_read_json(config.model_dir / "generation_config.json"))
 
     def chat(self, request: ChatCompletionRequest, request_id: str, max_model_len: int) -> GenerateRequest:
-        prompt = chat_prompt(request, self.config.max_images_per_request, self.config.max_videos_per_request)
+        c = self.config
+        prompt = chat_prompt(
+            request, c.max_images_per_request, c.max_videos_per_request, c.max_audios_per_request
+        )
         check_sampling_fields(request, self.tokenizer.vocab_size, self.sampling_defaults)  # before media
         self._check_chars(chat_text_chars(prompt.messages), max_model_len, "messages")
-        loaders = {"image": self.images, "video": self.videos}
-        for kind, loader in loaders.items():
-            if loader is None and prompt.count(kind):
-                raise bad_request(f"this model does not take {kind}s", param="messages")
-        media = [loaders[kind].load(url, param) for kind, url, param in prompt.media]  # type: ignore[union-attr]
+        loaders = {"image": self.images, "video": self.videos, "audio": self.audios}
+        for kind, _, param in prompt.media:  # before any byte is fetched
+            if loaders[kind] is None:
+                raise bad_request(f"{param}: {self._refusal(kind)}", param=param)
+        media = [loaders[kind].load(src, param) for kind, src, param in prompt.media]  # type: ignore[union-attr]
         try:
             token_ids = self.tokenizer.render_chat_ids(prompt.messages)
         except ChatTemplateError as exc:
@@ -113,6 +142,14 @@ class Preprocessor:
             param="prompt",
         )
 
+    def _refusal(self, kind: str) -> str:
+        """Why a part of `kind` cannot be served, naming what the model does take."""
+        loaders = {"image": self.images, "video": self.videos, "audio": self.audios}
+        takes = [k for k in KINDS if loaders[k] is not None]
+        noun = {"image": "images", "video": "videos", "audio": "audio"}
+        accepted = " and ".join(noun[k] for k in takes) if takes else "text only"
+        return f"this model does not take {noun[kind]} (it takes {accepted})"
+
     def _check_chars(self, chars: int, max_model_len: int, param: str) -> None:
         check_prompt_chars(
             chars,
@@ -123,15 +160,21 @@ class Preprocessor:
 
     def _expand(self, token_ids: list[int], media: list[ImageInput], param: str) -> list[int]:
         """Each kind's placeholders, one per item of that kind, expanded to the item's token count."""
-        for kind, pad in (("image", self.image_token_id), ("video", self.video_token_id)):
+        pads = (
+            ("image", self.image_token_id),
+            ("video", self.video_token_id),
+            ("audio", self.audio_token_id),
+        )
+        for kind, pad in pads:
             if pad is None:
                 continue
             counts = [item.num_tokens for item in media if item.kind == kind]
             found = token_ids.count(pad)
             if found != len(counts):
+                noun = "audio clips" if kind == "audio" else f"{kind}s"
                 raise bad_request(
                     f"the prompt has {found} {kind} placeholder tokens but the request has {len(counts)} "
-                    f"{kind}s ({kind} placeholder tokens may not appear in text)",
+                    f"{noun} ({kind} placeholder tokens may not appear in text)",
                     param=param,
                 )
             token_ids = expand_placeholders(token_ids, pad, counts)

@@ -22,7 +22,10 @@ def kv_reserve(req: GenerateRequest, prefill: Instance) -> KvReserve:
 
 def encode(req: GenerateRequest, prefill: Instance) -> tuple[Encode, list[bytes]]:
     """The ENCODE message and its frames (item i's bytes are frame i)."""
-    items = [MMItem(hash=m.hash, frame=i, kind=m.kind, video=m.video) for i, m in enumerate(req.images)]
+    items = [
+        MMItem(hash=m.hash, frame=i, kind=m.kind, video=m.video, max_seconds=m.max_seconds)
+        for i, m in enumerate(req.images)
+    ]
     msg = Encode(
         request_id=req.request_id, items=items, prefill_id=prefill.id, prefill_address=prefill.address,
         prefill_dataplane=prefill.info.dataplane,

@@ -1,8 +1,8 @@
-"""The Encode role: batch images and videos across requests, run the encoder, push features to prefill.
+"""The Encode role: batch images, videos and audio across requests, run the encoder, push features to prefill.
 
-Life of an item: an ENCODE message brings the image or video bytes (or only the hash, when this
-encoder holds its features); items queue up; `run_batch` decodes, preprocesses (a video: see
-services/encode/media_items.py) and encodes up to `max_batch_items` of them in one encoder call; the features go into an LRU cache keyed by content hash and are offered
+Life of an item: an ENCODE message brings the image, video or audio bytes (or only the hash, when this
+encoder holds its features); items queue up; `run_batch` decodes, preprocesses (a video or audio clip:
+see services/encode/media_items.py) and encodes up to `max_batch_items` of them in one encoder call; the features go into an LRU cache keyed by content hash and are offered
 to the prefill instance the gateway chose. That instance answers with a destination buffer (or with
 nothing, when it holds the hash already) and the bytes move over the data plane. A prefill role in the
 same process gets the tensor itself: no copy.
@@ -24,7 +24,7 @@ import torch
 from common.dataplane.base import Region, TransferState
 from common.log import get_logger
 from common.media import MediaError
-from common.protocol import Encode, FeatureDest, FeatureOffer, RequestError, VideoSettings
+from common.protocol import Encode, FeatureDest, FeatureOffer, MMItem, RequestError
 from common.stage_histograms import CacheCounts, PhaseHistograms
 from services.byte_lru import ByteLRU
 from services.encode.media_items import item_problem, prepare_item
@@ -57,8 +57,11 @@ class _Item:
     data: bytes | None
     dest: Encode
     queued_at: float = 0.0  # time.perf_counter() when it joined the queue
-    kind: str = "image"
-    video: VideoSettings | None = None  # how to sample it, with kind "video"
+    spec: MMItem | None = None  # the message's item: kind, a video's sampling, an audio clip's cut
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind if self.spec is not None else "image"
 
 
 class EncodeWorker:
@@ -123,8 +126,7 @@ class EncodeWorker:
                     data,
                     msg,
                     queued_at=time.perf_counter(),
-                    kind=item.kind,
-                    video=item.video,
+                    spec=item,
                 )  # fmt: skip
             )
 
@@ -180,7 +182,9 @@ class EncodeWorker:
         ready, prepared = [], []
         for item in batch:
             try:
-                prepared.append(prepare_item(self.family, item.kind, item.data or b"", item.video))
+                prepared.append(
+                    prepare_item(self.family, item.spec or MMItem(hash=item.hash), item.data or b"")
+                )
                 ready.append(item)
             except (MediaError, ValueError) as exc:
                 self._fail(item.request_id, f"{item.kind} could not be processed: {exc}", 400)

@@ -84,11 +84,12 @@ def load_model(
     attention: str | None = None,
     roles: str = "EPD",
 ) -> LoadedModel:
-    """Load weights, tokenizer, image processor and video processor settings; `attention` names the text attention implementation
+    """Load weights, tokenizer, the family's preprocessor (image processor and video settings, or audio
+    feature extractor); `attention` names the text attention implementation
     (default: the engine's paged attention; "sdpa" gives transformers' stock model for references).
 
-    `roles` (some of "EPD") says which weights: the vision tower for E, the language model, embeddings
-    and lm_head for P and D."""
+    `roles` (some of "EPD") says which weights: the vision tower (or audio encoder) for E, the language
+    model, embeddings and lm_head for P and D."""
     model_type = read_model_type(path)
     folder = Path(path).resolve()
     try:
@@ -97,7 +98,8 @@ def load_model(
         raise ModelLoadError(str(exc)) from exc
 
     import torch
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
     from services.engine.attention import register_paged_attention
 
@@ -107,17 +109,16 @@ def load_model(
     if device.startswith("npu"):
         import torch_npu  # noqa: F401  (registers the device; only when asked for)
     cls = family_class(model_type)
-    attn = {"text_config": attention, "vision_config": "sdpa", "": "sdpa"}
+    attn = {"text_config": attention, cls.encoder_config: "sdpa", "": "sdpa"}
+    auto_class = getattr(transformers, cls.auto_class)
     if parts == {VISION, TEXT}:
-        model = AutoModelForImageTextToText.from_pretrained(
-            folder, dtype=torch_dtype, attn_implementation=attn
-        )
+        model = auto_class.from_pretrained(folder, dtype=torch_dtype, attn_implementation=attn)
         model.to(device).eval()
     else:
         try:
             model = load_parts(
                 folder, parts, part_modules=cls.part_modules, renames=cls.checkpoint_renames,
-                dtype=torch_dtype, device=device, attn_implementation=attn,
+                dtype=torch_dtype, device=device, attn_implementation=attn, auto_class=auto_class,
             )  # fmt: skip
         except StageWeightsError as exc:
             raise ModelLoadError(f"cannot load {folder} for roles {roles}: {exc}") from exc

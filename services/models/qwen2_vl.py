@@ -43,6 +43,9 @@ class ImageItem:
 
 class Qwen2VLFamily:
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    modalities = ("image", "video")
+    auto_class = "AutoModelForImageTextToText"  # the transformers class that builds the model
+    encoder_config = "vision_config"  # the sub-config whose attention is transformers' sdpa
     # Module paths of each part in transformers' model, for processes that build only some parts.
     part_modules = {"vision": ("model.visual",), "text": ("model.language_model", "lm_head")}
     # Stored tensor name -> module name. Qwen's releases (and transformers 5's `save_pretrained`) store

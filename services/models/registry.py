@@ -11,7 +11,11 @@ def family_class(model_type: str) -> Any:
         from services.models.qwen2_vl import Qwen2VLFamily
 
         return Qwen2VLFamily
+    if model_type == "qwen2_audio":
+        from services.models.qwen2_audio import Qwen2AudioFamily
+
+        return Qwen2AudioFamily
     raise KeyError(model_type)
 
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen2_audio")

@@ -1,7 +1,8 @@
 """Build only the parts of a model that a process's roles need, and read only their tensors.
 
-An encode-only process needs the vision tower and nothing of the language model; a prefill or decode
-process needs the language model and nothing of the vision tower. Building the whole model and then
+An encode-only process needs the vision tower (or the audio encoder: the "vision" part is whatever
+encoder the family has) and nothing of the language model; a prefill or decode process needs the
+language model and nothing of the encoder. Building the whole model and then
 deleting a part would peak at the whole model, so instead:
 
   1. transformers builds its own model class on the `meta` device (shapes and dtypes, no storage);
@@ -90,18 +91,20 @@ def load_parts(
     dtype: Any,
     device: str,
     attn_implementation: dict[str, str],
+    auto_class: Any = None,
 ) -> Any:
     """transformers' model for the checkpoint in `folder` with only `parts` built and loaded.
 
     `part_modules` maps each part to its module paths in the model (the family adapter knows them);
-    the modules of the other parts are None in the returned model.
+    the modules of the other parts are None in the returned model. `auto_class` is the transformers
+    Auto class that builds the family's model (default: AutoModelForImageTextToText).
     """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(
+        model = (auto_class or AutoModelForImageTextToText).from_config(
             config, dtype=dtype, attn_implementation=attn_implementation
         )
     tied = model.get_expanded_tied_weights_keys(all_submodels=True)  # {target: source}

@@ -1,4 +1,4 @@
-"""Offline random-weight Qwen2-VL / Qwen2.5-VL checkpoints for tests, demos and benchmarks.
+"""Offline random-weight Qwen2-VL / Qwen2.5-VL / Qwen2-Audio checkpoints for tests, demos and benchmarks.
 
 There is no model hub here, yet every stage (encode, prefill, decode) must run the real transformers
 code path. These checkpoints are ordinary `save_pretrained` folders (config, safetensors weights,
@@ -31,11 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2_audio")
 PRESETS = ("tiny", "small", "mid")
 
 # Bump when the tokenizer, presets or file layout change, so cached checkpoints get rebuilt.
-FORMAT_VERSION = 2  # 2: video_preprocessor_config.json
+FORMAT_VERSION = 3  # 2: video_preprocessor_config.json; 3: qwen2_audio
 MARKER_FILE = "tiny_model.json"
 
 # Text: hidden size, layers, heads, kv_heads, ffn (intermediate size), max_pos, init (initializer_range).
@@ -136,6 +136,12 @@ def build_config(family: str, preset: str, tokenizer: Any) -> Any:
         # silently falls back to 0.02 for the language model otherwise.
         "initializer_range": p["init"],
     }
+    if family == "qwen2_audio":
+        from services.models.tiny_audio import build_audio_config
+
+        text_config = {**text_config, "bos_token_id": top["bos_token_id"]}
+        text_config.update(eos_token_id=top["eos_token_id"], pad_token_id=top["pad_token_id"])
+        return build_audio_config(p, text_config, tokenizer, preset)
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig
 
@@ -186,13 +192,19 @@ def make_tiny_model(
 
     from services.models.tiny_tokenizer import build_tokenizer
 
+    audio = family == "qwen2_audio"
     say("training tokenizer")
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(audio=audio)
     config = build_config(family, preset, tokenizer)
     say(f"initialising {family} {preset} weights (seed {seed})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        if audio:  # no Auto class maps qwen2_audio to image-text-to-text
+            from transformers import Qwen2AudioForConditionalGeneration
+
+            model = Qwen2AudioForConditionalGeneration._from_config(config, dtype=torch.float32)
+        else:
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     end_ids = [tokenizer.convert_tokens_to_ids(_TOKENS["im_end"]), tokenizer.pad_token_id]
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.pad_token_id,
@@ -221,8 +233,13 @@ def make_tiny_model(
             if bars:
                 hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
-        _save_video_config(tmp, image_processor, p)
+        if audio:
+            from services.models.tiny_audio import save_audio_processor
+
+            save_audio_processor(tmp, tokenizer)
+        else:
+            image_processor.save_pretrained(tmp)
+            _save_video_config(tmp, image_processor, p)
         marker = {"family": family, "preset": preset, "seed": seed, "format_version": FORMAT_VERSION}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         # mkdtemp makes the folder 0700 and safetensors leaves the weights 0600: make it shareable

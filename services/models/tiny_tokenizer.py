@@ -20,6 +20,12 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
+AUDIO_BOS = "<|audio_bos|>"
+AUDIO = "<|AUDIO|>"
+AUDIO_EOS = "<|audio_eos|>"
+# Added after training, so the audio tokenizer's vocabulary is the vision one's plus these three
+# (appended after the trained ids): the vision checkpoints keep exactly the tokenizer they had.
+AUDIO_TOKENS = (AUDIO_BOS, AUDIO, AUDIO_EOS)
 
 # Order fixes the ids: the trainer gives special tokens ids 0..6 in this order.
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
@@ -46,6 +52,32 @@ CHAT_TEMPLATE = (
     "{% endif %}"
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ render(message['content']) }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2-Audio's template (transformers' Qwen2AudioProcessor default): each audio part becomes
+# "Audio N: <|audio_bos|><|AUDIO|><|audio_eos|>\n", numbered across the whole conversation; the caller
+# expands the one <|AUDIO|> to the clip's token count. `input_audio` and `audio_url` parts count too,
+# so the raw OpenAI message renders as the gateway's reduced one does.
+AUDIO_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content.get('type') in ('audio', 'input_audio', 'audio_url') or 'audio' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "<|im_end|>\n"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -165,18 +197,20 @@ def _train() -> Tokenizer:
     return tokenizer
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(audio: bool = False) -> PreTrainedTokenizerFast:
     """Train the tokenizer and wrap it with the special tokens and chat template transformers expects.
 
-    No BOS is added to prompts (as in Qwen2-VL); `<|im_end|>` ends a turn and is the EOS.
+    No BOS is added to prompts (as in Qwen2-VL); `<|im_end|>` ends a turn and is the EOS. `audio`
+    adds Qwen2-Audio's three audio tokens and its chat template instead of the vision one.
     """
+    audio_tokens = list(AUDIO_TOKENS) if audio else []
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_train(),
         eos_token=IM_END,
         pad_token=ENDOFTEXT,
-        extra_special_tokens=[IM_START, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD],
+        extra_special_tokens=[IM_START, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, *audio_tokens],
         model_max_length=32768,
         padding_side="left",
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = AUDIO_CHAT_TEMPLATE if audio else CHAT_TEMPLATE
     return tokenizer

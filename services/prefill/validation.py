@@ -34,16 +34,20 @@ class PrefillLimits:
     dataplane_backend: str
     max_feature_bytes: int  # the feature cache: one item larger than it could never be kept
     video_token_id: int | None = None  # None: the model takes no videos
+    audio_token_id: int | None = None  # None: the model takes no audio
 
     @classmethod
     def of(cls, family: Any, engine: Any, dataplane: Any, cache_bytes: int) -> PrefillLimits:
         return cls(
             vocab_size=vocab_size(family), max_model_len=engine.max_model_len,
             image_token_id=getattr(family, "image_token_id", None),
-            merge_size=int(getattr(family, "merge_size", 1)), hidden_size=getattr(family, "hidden_size", None),
+            merge_size=int(getattr(family, "merge_size", 1)),
+            # a row's width: the hidden size, times (1 + DeepStack levels) for Qwen3-VL
+            hidden_size=getattr(family, "feature_width", None) or getattr(family, "hidden_size", None),
             block_size=engine.kv.block_size, block_bytes=engine.kv.block_bytes,
             dataplane_backend=dataplane.descriptor().get("backend", ""), max_feature_bytes=cache_bytes,
             video_token_id=getattr(family, "video_token_id", None),
+            audio_token_id=getattr(family, "audio_token_id", None),
         )  # fmt: skip
 
 
@@ -71,12 +75,12 @@ def prefill_problem(msg: Prefill, lim: PrefillLimits, *, decodes: bool) -> str |
 
 def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
     """Each item's grid must merge into whole tokens, and the prompt's placeholders come in one run
-    per item of exactly that many tokens, of the item's kind (image or video), in order: what the
-    M-RoPE positions are computed from. (`num_tokens` says the same for whoever reads the message;
-    the grid decides here.)"""
+    per item of exactly that many tokens, of the item's kind (image, video or audio), in order: what
+    the M-RoPE positions are computed from. (`num_tokens` says the same for whoever reads the message;
+    the grid decides here. An audio clip's grid is (1, 1, tokens), with the audio family's merge 1.)"""
     if not msg.mm:
         return None
-    pads = {"image": lim.image_token_id, "video": lim.video_token_id}
+    pads = {"image": lim.image_token_id, "video": lim.video_token_id, "audio": lim.audio_token_id}
     m = lim.merge_size
     for i, ref in enumerate(msg.mm):
         if problem := id_problem(f"mm[{i}].hash", ref.hash):
@@ -84,12 +88,14 @@ def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
         if ref.kind not in MM_KINDS:
             return f"mm[{i}].kind {ref.kind[:32]!r} is not one of {', '.join(MM_KINDS)}"
         if pads[ref.kind] is None:
-            return f"mm[{i}]: this model takes no {ref.kind}s"
+            return f"mm[{i}]: this model takes no {'audio' if ref.kind == 'audio' else ref.kind + 's'}"
         t, h, w = ref.grid_thw
         if min(t, h, w) < 1 or h % m or w % m:
             return f"mm[{i}]: grid_thw {list(ref.grid_thw)} is not a grid of whole {m}x{m} merged patches"
         if ref.kind == "image" and (t != 1 or ref.second_per_grid_t != 0):
             return f"mm[{i}]: an image has one temporal patch and no second_per_grid_t"
+        if ref.kind == "audio" and (t != 1 or h != 1 or ref.second_per_grid_t != 0):
+            return f"mm[{i}]: an audio clip's grid is [1, 1, tokens], with no second_per_grid_t"
         s = ref.second_per_grid_t
         if ref.kind == "video" and not (math.isfinite(s) and 0 < s <= MAX_SECOND_PER_GRID_T):
             return f"mm[{i}].second_per_grid_t must be in (0, {MAX_SECOND_PER_GRID_T:g}], got {s}"

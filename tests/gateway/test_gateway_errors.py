@@ -35,7 +35,7 @@ BAD_INPUTS: list[tuple[str, str, Any, dict[str, Any], int, str, str | None]] = [
     ("unsupported role", CHAT, {"messages": [{"role": "tool", "content": "x"}]}, {}, 400, "'tool' is not supported", "messages[0].role"),
     ("content a number", CHAT, {"messages": [{"role": "user", "content": 5}]}, {}, 400, "'messages[0].content'", "messages[0].content"),
     ("user content null", CHAT, {"messages": [{"role": "user", "content": None}]}, {}, 400, "content is required", "messages[0].content"),
-    ("unknown part type", CHAT, _chat([{"type": "input_audio"}]), {}, 400, "'input_audio' is not supported", "messages[0].content[0].type"),
+    ("unknown part type", CHAT, _chat([{"type": "input_file"}]), {}, 400, "'input_file' is not supported", "messages[0].content[0].type"),
     ("part type not a string", CHAT, _chat([{"type": []}]), {}, 400, "type must be a string", "messages[0].content[0].type"),
     ("text part without text", CHAT, _chat([{"type": "text"}]), {}, 400, "text must be a string", "messages[0].content[0].text"),
     ("image part without url", CHAT, _chat([{"type": "image_url", "image_url": {}}]), {}, 400, "non-empty string 'url'", "messages[0].content[0].image_url"),

@@ -20,6 +20,9 @@ COMMON_MODULES = [
     "common.video",
     "common.video_sampling",
     "common.video_plan",
+    "common.audio",
+    "common.audio_sources",
+    "common.audio_features",
 ]
 
 CODE = f"""
@@ -41,6 +44,6 @@ def _import_gateway() -> dict[str, list[str]]:
 
 def test_gateway_imports_neither_torch_nor_services() -> None:
     found = _import_gateway()
-    assert {"gateway.app", "gateway.preprocess", "gateway.images"} <= set(found["imported"])
+    assert {"gateway.app", "gateway.preprocess", "gateway.images", "gateway.audios"} <= set(found["imported"])
     assert found["heavy"] == [], f"the gateway imported {found['heavy']}"
     assert found["services"] == [], f"the gateway imported {found['services']}"

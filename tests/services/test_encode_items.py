@@ -22,7 +22,7 @@ def test_known_kinds_with_sane_settings_pass():
 
 def test_a_bad_item_is_named():
     cases = [
-        (MMItem(hash="a", frame=0, kind="audio"), "items[0].kind 'audio' is not one of image, video"),
+        (MMItem(hash="a", frame=0, kind="smell"), "items[0].kind 'smell' is not one of image, video, audio"),
         (MMItem(hash="a", frame=0, kind="video"), "items[0].video: a video item needs its sampling settings"),
         (
             MMItem(hash="a", frame=0, kind="video", video=VideoSettings(fps=-1.0)),

@@ -78,8 +78,8 @@ def bad_prefills(loaded):
             ("two images, one run", {"mm": [ref, ref]}, "mm: token_ids hold placeholder runs of [image 20]"),
             (
                 "unknown kind",
-                {"mm": [MMRef(hash=h, grid_thw=item.grid_thw, num_tokens=20, kind="audio")]},
-                "mm[0].kind 'audio'",
+                {"mm": [MMRef(hash=h, grid_thw=item.grid_thw, num_tokens=20, kind="smell")]},
+                "mm[0].kind 'smell'",
             ),
             (
                 "a video where the prompt has an image",
