@@ -30,3 +30,10 @@ def tiny_qwen2_audio(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from services.models.tiny import make_tiny_model
 
     return make_tiny_model("qwen2_audio", tmp_path_factory.mktemp("ckpt") / "qwen2_audio-tiny", preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from services.models.tiny import make_tiny_model
+
+    return make_tiny_model("qwen3_vl", tmp_path_factory.mktemp("ckpt") / "qwen3_vl-tiny", preset="tiny")

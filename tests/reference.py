@@ -34,8 +34,10 @@ def hf_greedy(
 
     `items` are images unless `kinds` says "video" for some: those go in as `pixel_values_videos`
     and `video_grid_thw`; `second_per_grid_ts` (one per item, read for videos) goes to Qwen2.5-VL."""
-    model = hf_model(str(path))
-    if encoder_dtype is not None:  # the vision tower alone in another dtype, as --encoder-dtype does
+    if encoder_dtype is None:
+        model = hf_model(str(path))
+    else:  # a model of its own (never the cached one): the vision tower alone cast, as --encoder-dtype does
+        model = hf_model.__wrapped__(str(path))
         model.model.visual.to(getattr(torch, encoder_dtype))
     ids = torch.tensor([token_ids])
     kinds = kinds or ["image"] * len(items)

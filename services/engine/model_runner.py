@@ -90,8 +90,10 @@ class ModelRunner:
         embeds = self.family.embed(host.token_ids.to(dev, non_blocking=True))
         positions = host.positions.to(dev, non_blocking=True)
         q = host.layout.decode_rows
+        deep_rows: list[torch.Tensor] = []  # DeepStack: visual rows of the step, ascending
+        deep_feats: list[torch.Tensor] = []  # and their features [rows, levels, hidden]
         for c in chunks[host.layout.num_decodes :]:
-            self._multimodal_rows(c, q, embeds, positions)
+            self._multimodal_rows(c, q, embeds, positions, deep_rows, deep_feats)
             q += c.num_tokens
         meta = AttentionMetadata(
             self.kv, host.slots.to(dev, non_blocking=True), self.backend, self.backend.prepare(host.layout)
@@ -99,6 +101,10 @@ class ModelRunner:
         if finishing:
             assert layer_hook is not None
             meta.on_layer = lambda layer: layer_hook(layer, finishing)
+        if deep_rows:  # only families with DeepStack (Qwen3-VL) set it; decode steps never do
+            return self.family.forward(
+                embeds, positions, meta, deepstack=(torch.cat(deep_rows), torch.cat(deep_feats))
+            )
         return self.family.forward(embeds, positions, meta)
 
     # ---- the step on the host --------------------------------------------------------------------
@@ -145,9 +151,11 @@ class ModelRunner:
         return HostStep(layout, token_ids, positions, slots, sample_rows)
 
     def _multimodal_rows(
-        self, c: ScheduledChunk, q: int, embeds: torch.Tensor, positions: torch.Tensor
-    ) -> None:
-        """M-RoPE positions and encoder features of a prefill chunk's prompt rows, on the device."""
+        self, c: ScheduledChunk, q: int, embeds: torch.Tensor, positions: torch.Tensor,
+        deep_rows: list[torch.Tensor], deep_feats: list[torch.Tensor],
+    ) -> None:  # fmt: skip
+        """M-RoPE positions and encoder features of a prefill chunk's prompt rows, on the device;
+        the chunk's DeepStack rows (if its model has them) are appended to `deep_rows`/`deep_feats`."""
         inputs = _inputs(c)
         end = c.start + c.num_tokens
         if inputs.positions is not None:
@@ -163,6 +171,9 @@ class ModelRunner:
             if hi > lo:
                 at = torch.tensor(idx[lo:hi], device=self.device) - c.start + q
                 embeds[at] = inputs.mm_embeds[lo:hi].to(embeds.dtype)
+                if inputs.deepstack is not None:
+                    deep_rows.append(at)
+                    deep_feats.append(inputs.deepstack[lo:hi])
 
 
 def _inputs(chunk: ScheduledChunk) -> ModelInputs:

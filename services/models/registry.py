@@ -11,6 +11,10 @@ def family_class(model_type: str) -> Any:
         from services.models.qwen2_vl import Qwen2VLFamily
 
         return Qwen2VLFamily
+    if model_type == "qwen3_vl":
+        from services.models.qwen3_vl import Qwen3VLFamily
+
+        return Qwen3VLFamily
     if model_type == "qwen2_audio":
         from services.models.qwen2_audio import Qwen2AudioFamily
 
@@ -18,4 +22,4 @@ def family_class(model_type: str) -> Any:
     raise KeyError(model_type)
 
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen2_audio")
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen2_audio", "qwen3_vl")

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2_audio")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2_audio", "qwen3_vl")
 PRESETS = ("tiny", "small", "mid")
 
 # Bump when the tokenizer, presets or file layout change, so cached checkpoints get rebuilt.
@@ -142,6 +142,10 @@ def build_config(family: str, preset: str, tokenizer: Any) -> Any:
         text_config = {**text_config, "bos_token_id": top["bos_token_id"]}
         text_config.update(eos_token_id=top["eos_token_id"], pad_token_id=top["pad_token_id"])
         return build_audio_config(p, text_config, tokenizer, preset)
+    if family == "qwen3_vl":
+        from services.models.tiny_qwen3_vl import build_qwen3_vl_config
+
+        return build_qwen3_vl_config(p, text_config, common_vision, top)
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig
 
@@ -216,7 +220,7 @@ def make_tiny_model(
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=p["min_pixels"],
         max_pixels=p["max_pixels"],
-        patch_size=14,
+        patch_size=16 if family == "qwen3_vl" else 14,
         merge_size=2,
         temporal_patch_size=2,
     )
@@ -240,6 +244,10 @@ def make_tiny_model(
         else:
             image_processor.save_pretrained(tmp)
             _save_video_config(tmp, image_processor, p)
+            if family == "qwen3_vl":
+                from services.models.tiny_qwen3_vl import save_qwen3_vl_video_config
+
+                save_qwen3_vl_video_config(tmp, image_processor, p)
         marker = {"family": family, "preset": preset, "seed": seed, "format_version": FORMAT_VERSION}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         # mkdtemp makes the folder 0700 and safetensors leaves the weights 0600: make it shareable

@@ -28,7 +28,8 @@ EXPECTED_FILES = {
 }
 
 
-@pytest.fixture(params=[f for f in tiny.FAMILIES if f != "qwen2_audio"])  # audio: test_tiny_audio.py
+# audio: test_tiny_audio.py, qwen3_vl: test_tiny_qwen3_vl.py
+@pytest.fixture(params=[f for f in tiny.FAMILIES if f not in ("qwen2_audio", "qwen3_vl")])
 def checkpoint(request, tiny_qwen2_vl: Path, tiny_qwen2_5_vl: Path) -> tuple[str, Path]:
     return request.param, {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}[request.param]
 
