@@ -1,4 +1,5 @@
-"""A synthetic multimodal workload: random-word prompts, random-noise PNG images, fixed output lengths.
+"""A synthetic multimodal workload: random-word prompts, random-noise PNG images, gradient MP4 videos,
+tone WAV clips, fixed output lengths.
 
 Real datasets are not at hand offline, and for comparing topologies what matters is the shape of the
 load (prompt and output lengths, how many images and how large, how often an image comes back), not
@@ -8,7 +9,8 @@ gives round(0.25 * n) of them, so small runs still have the shape that was asked
 
 Output lengths hold because each request sends `max_tokens` with `ignore_eos: true`. A repeated image
 is the very same data URI as its first use, so the server's embedding cache (keyed by content hash)
-can recognise it; fresh images are noise and never collide.
+can recognise it; fresh images are noise and never collide. Videos and audio clips (`media.py`) are
+drawn fresh for every slot (repeats are images only); the text-only share goes without any media.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from bench.serve.media import audio_base64, audio_problem, video_data_uri, video_problem
 
 # A plain vocabulary: every word is one or two tokens for any byte-level BPE, so a prompt's length in
 # words tracks its length in tokens.
@@ -51,14 +55,23 @@ class DatasetConfig:
     text_only_fraction: float = 0.0
     repeat_image_fraction: float = 0.0  # of all image slots: reuse an image of an earlier request
     system_prompt_len: int = 0  # words of a system prompt every request shares (prefix caching)
+    videos: int = 0  # per request that has media; MP4 data URIs as `video_url` parts
+    video_size: tuple[int, int] = (224, 224)  # (width, height)
+    video_seconds: float = 2.0
+    audios: int = 0  # per request that has media; WAVs as `input_audio` parts
+    audio_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1 or self.output_len < 1:
             raise ValueError("prompt and output lengths must be at least 1")
         if self.system_prompt_len < 0:
             raise ValueError("the system prompt length must not be negative")
-        if self.images < 0:
-            raise ValueError("images per request must not be negative")
+        if self.images < 0 or self.videos < 0 or self.audios < 0:
+            raise ValueError("images, videos and audios per request must not be negative")
+        problem = video_problem(*self.video_size, self.video_seconds) if self.videos else None
+        problem = problem or (audio_problem(self.audio_seconds) if self.audios else None)
+        if problem:
+            raise ValueError(problem)
         if not self.image_sizes or any(w < 1 or h < 1 for w, h in self.image_sizes):
             raise ValueError("image sizes must be positive WIDTHxHEIGHT pairs")
         for name in ("prompt_len_range", "output_len_range"):
@@ -82,10 +95,14 @@ class BenchRequest:
     repeated: int = 0  # how many of the images repeat one of an earlier request
     image_sizes: tuple[tuple[int, int], ...] = field(default=())
     system_prompt: str = ""  # shared by every request of the run; "" sends no system message
+    videos: tuple[str, ...] = ()  # MP4 data URIs
+    audios: tuple[str, ...] = ()  # base64 WAVs
 
     def payload(self, model: str | None) -> dict[str, Any]:
         """The JSON body: streamed, usage at the end, greedy, exactly `output_len` tokens."""
         content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in self.images]
+        content += [{"type": "video_url", "video_url": {"url": u}} for u in self.videos]
+        content += [{"type": "input_audio", "input_audio": {"data": a, "format": "wav"}} for a in self.audios]
         content.append({"type": "text", "text": self.prompt})
         messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
         if self.system_prompt:
@@ -152,7 +169,8 @@ def build_dataset(config: DatasetConfig, num_requests: int, seed: int, stream: i
         " ".join(system.choice(WORDS, size=config.system_prompt_len)) if config.system_prompt_len else ""
     )
     rng = np.random.default_rng([seed & 0xFFFFFFFF, stream])
-    n_text_only = round(config.text_only_fraction * num_requests) if config.images else num_requests
+    has_media = config.images or config.videos or config.audios
+    n_text_only = round(config.text_only_fraction * num_requests) if has_media else num_requests
     text_only = {int(i) for i in rng.choice(num_requests, size=n_text_only, replace=False)}
     image_requests = [i for i in range(num_requests) if i not in text_only]
     repeats = _repeat_slots(rng, image_requests, config.images, config.repeat_image_fraction)
@@ -177,6 +195,12 @@ def build_dataset(config: DatasetConfig, num_requests: int, seed: int, stream: i
                     fresh.append(image)
                     chosen.append(image)
                 slot += 1
+        videos, audios = [], []
+        if index not in text_only:  # one seed per clip, drawn after the images: image runs stay as they were
+            for _ in range(config.videos):
+                videos.append(video_data_uri(*config.video_size, config.video_seconds, _clip_seed(rng)))
+            for _ in range(config.audios):
+                audios.append(audio_base64(config.audio_seconds, _clip_seed(rng)))
         pool.extend(fresh)
         requests.append(
             BenchRequest(
@@ -189,6 +213,12 @@ def build_dataset(config: DatasetConfig, num_requests: int, seed: int, stream: i
                 repeated=repeated,
                 image_sizes=tuple(c[2] for c in chosen),
                 system_prompt=system_prompt,
+                videos=tuple(videos),
+                audios=tuple(audios),
             )
         )
     return requests
+
+
+def _clip_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(1 << 32))

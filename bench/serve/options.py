@@ -2,7 +2,7 @@
 
 Kept apart from the runner so that `epd-serve --help` builds every parser without importing aiohttp,
 numpy or the gateway: this module imports only argparse, math and the engine flags that `epd-serve up`
-shares with it (plain argparse too).
+shares with it (plain argparse too); the media bounds are checked where they are imported, lazily.
 """
 
 from __future__ import annotations
@@ -46,6 +46,47 @@ def image_sizes(text: str) -> list[tuple[int, int]]:
             raise argparse.ArgumentTypeError(f"bad image size {part!r}: write WIDTHxHEIGHT, e.g. 224x224")
         out.append((int(w), int(h)))
     return out
+
+
+def video_size(text: str) -> tuple[int, int]:
+    """'224x224' -> (224, 224): one size, even sides (H.264's yuv420p), at most 3840x2160 pixels."""
+    from bench.serve.media import video_problem
+
+    w, sep, h = text.strip().lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit():
+        raise argparse.ArgumentTypeError(f"bad video size {text!r}: write one WIDTHxHEIGHT, e.g. 224x224")
+    problem = video_problem(int(w), int(h), seconds=1.0)
+    if problem:
+        raise argparse.ArgumentTypeError(f"bad {problem}")
+    return int(w), int(h)
+
+
+def video_seconds(text: str) -> float:
+    from bench.serve.media import MAX_VIDEO_SECONDS, MIN_VIDEO_SECONDS
+
+    return _seconds(text, "video", MIN_VIDEO_SECONDS, MAX_VIDEO_SECONDS)
+
+
+def audio_seconds(text: str) -> float:
+    from bench.serve.media import MAX_AUDIO_SECONDS, MIN_AUDIO_SECONDS
+
+    return _seconds(text, "audio", MIN_AUDIO_SECONDS, MAX_AUDIO_SECONDS)
+
+
+def _seconds(text: str, kind: str, lo: float, hi: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not lo <= value <= hi:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"bad {kind} length {text!r}: seconds from {lo:g} to {hi:g}")
+    return value
+
+
+def media_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"bad count {text!r}: a whole number of at least 0")
+    return int(text)
 
 
 def topologies(text: str) -> list[str]:
@@ -145,8 +186,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--images", type=int, default=1, metavar="N", help="images per request (1)")
     data.add_argument("--image-size", type=image_sizes, default=[(224, 224)], metavar="LIST",
                       help="WIDTHxHEIGHT sizes to draw from, e.g. 224x224,448x336 (default 224x224)")
+    data.add_argument("--videos", type=media_count, default=0, metavar="N",
+                      help="MP4 videos per request, as video_url data URIs (0; Qwen2-VL, Qwen2.5-VL; "
+                           "a gateway takes 2 by default)")
+    data.add_argument("--video-seconds", type=video_seconds, default=2.0, metavar="S",
+                      help="length of each video at 4 fps, 0.5 to 60 (2)")
+    data.add_argument("--video-size", type=video_size, default=(224, 224), metavar="WxH",
+                      help="frame size of the videos, even sides (default 224x224)")
+    data.add_argument("--audios", type=media_count, default=0, metavar="N",
+                      help="16 kHz WAV clips per request, as input_audio parts (0; Qwen2-Audio; "
+                           "a gateway takes 4 by default)")
+    data.add_argument("--audio-seconds", type=audio_seconds, default=5.0, metavar="S",
+                      help="length of each audio clip, 0.1 to 30 (5)")
     data.add_argument("--text-only-fraction", type=fraction, default=0.0, metavar="F",
-                      help="share of requests without images (0)")
+                      help="share of requests without images, videos or audio (0)")
     data.add_argument("--repeat-image-fraction", type=fraction, default=0.0, metavar="F",
                       help="share of images reusing one of an earlier request (embedding cache hits; 0)")
     data.add_argument("--system-prompt-len", type=int, default=0, metavar="WORDS",

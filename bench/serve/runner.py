@@ -32,6 +32,7 @@ import aiohttp
 from bench.serve.client import RequestRecord, send_request
 from bench.serve.dataset import BenchRequest, DatasetConfig, build_dataset
 from bench.serve.load import LoadPoint, run_load
+from bench.serve.media import VIDEO_FPS
 from bench.serve.metrics import Slo, details, summarize
 from bench.serve.report import add_ratios, format_tables, write_json
 from bench.serve.target import (
@@ -59,7 +60,8 @@ def dataset_config(args: argparse.Namespace) -> DatasetConfig:
         prompt_len=args.prompt_len, prompt_len_range=args.prompt_len_range, output_len=args.output_len,
         output_len_range=args.output_len_range, images=args.images, image_sizes=tuple(args.image_size),
         text_only_fraction=args.text_only_fraction, repeat_image_fraction=args.repeat_image_fraction,
-        system_prompt_len=args.system_prompt_len,
+        system_prompt_len=args.system_prompt_len, videos=args.videos, video_size=tuple(args.video_size),
+        video_seconds=args.video_seconds, audios=args.audios, audio_seconds=args.audio_seconds,
     )  # fmt: skip
 
 
@@ -221,6 +223,7 @@ def _workload_line(args: argparse.Namespace, model_dir: str | None) -> str:
     parts = [
         f"model {model_dir or args.base_url}",
         f"{args.images} image(s) of {sizes} per request",
+        *_media_parts(args),
         f"prompt {args.prompt_len} words",
         f"output {args.output_len} tokens",
     ]
@@ -229,6 +232,18 @@ def _workload_line(args: argparse.Namespace, model_dir: str | None) -> str:
     if args.system_prompt_len:
         parts.append(f"a shared system prompt of {args.system_prompt_len} words")
     return "; ".join(parts)
+
+
+def _media_parts(args: argparse.Namespace) -> list[str]:
+    parts = []
+    if args.videos:
+        w, h = args.video_size
+        parts.append(
+            f"{args.videos} video(s) of {args.video_seconds:g} s at {w}x{h}, {VIDEO_FPS} fps per request"
+        )
+    if args.audios:
+        parts.append(f"{args.audios} audio clip(s) of {args.audio_seconds:g} s per request")
+    return parts
 
 
 def _config_json(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any]:

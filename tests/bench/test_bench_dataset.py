@@ -96,3 +96,113 @@ def test_a_system_prompt_is_shared_by_every_request_of_every_stream():
     ]
     with pytest.raises(ValueError, match="system prompt"):
         DatasetConfig(system_prompt_len=-1)
+
+
+# --- videos and audio clips -------------------------------------------------------------------------
+
+
+def media_parser():
+    import argparse
+
+    from bench.serve.options import add_arguments
+
+    parser = argparse.ArgumentParser(prog="epd-serve bench")
+    add_arguments(parser)
+    return parser
+
+
+def test_videos_and_audios_are_parts_the_gateway_decodes_and_the_same_for_the_same_seed():
+    import av
+    import soundfile as sf
+
+    from common.audio import decode_audio
+    from common.audio_sources import input_audio_bytes
+    from common.media import decode_data_uri
+    from common.video import VideoProbe, probe_video
+
+    config = DatasetConfig(prompt_len=5, output_len=4, images=1, image_sizes=((56, 56),), videos=2,
+                           video_size=(64, 48), video_seconds=1.5, audios=1, audio_seconds=0.5,
+                           text_only_fraction=0.25)  # fmt: skip
+    requests = build_dataset(config, 4, seed=5)
+    again = build_dataset(config, 4, seed=5)
+    assert [r.payload(None) for r in requests] == [r.payload(None) for r in again]
+    media = [r for r in requests if r.images]
+    assert len(media) == 3 and all(not r.videos and not r.audios for r in requests if not r.images)
+    content = media[0].payload(None)["messages"][0]["content"]
+    assert [p["type"] for p in content] == ["image_url", "video_url", "video_url", "input_audio", "text"]
+    videos = [v for r in media for v in r.videos]
+    audios = [a for r in media for a in r.audios]
+    assert len(set(videos)) == 6 and len(set(audios)) == 3  # a fresh clip per slot
+    other = build_dataset(config, 4, seed=6)
+    assert set(videos).isdisjoint(v for r in other for v in r.videos)
+    for uri in videos[:2]:
+        assert uri.startswith("data:video/mp4;base64,")
+        data = decode_data_uri(uri)
+        assert probe_video(data) == VideoProbe(6, 4.0, 64, 48)  # 1.5 s at 4 fps; what the gateway runs
+        with av.open(io.BytesIO(data)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert len(frames) == 6 and frames[0].shape == (48, 64, 3)
+        assert len(data) < 20_000  # gradients, not noise: small
+    part = content[3]["input_audio"]
+    data, declared = input_audio_bytes(part)
+    samples, rate = sf.read(io.BytesIO(data))
+    assert declared == "wav" and rate == 16_000 and samples.shape == (8000,)
+    assert decode_audio(data, declared_format=declared).shape == (8000,)
+
+
+def test_media_without_images_follows_the_text_only_fraction_and_leaves_image_runs_alone():
+    config = DatasetConfig(prompt_len=5, output_len=4, images=0, audios=1, audio_seconds=0.2,
+                           text_only_fraction=0.5)  # fmt: skip
+    requests = build_dataset(config, 6, seed=1)
+    assert sum(bool(r.audios) for r in requests) == 3 and not any(r.images or r.videos for r in requests)
+    plain = DatasetConfig(prompt_len=5, output_len=4, image_sizes=((56, 56),))
+    moved = DatasetConfig(prompt_len=5, output_len=4, image_sizes=((56, 56),), video_seconds=9.0)
+    assert [r.payload(None) for r in build_dataset(plain, 3, 2)] == [
+        r.payload(None) for r in build_dataset(moved, 3, 2)
+    ]
+
+
+def test_the_longest_clips_pass_the_gateway_limits():
+    from bench.serve.media import mp4_clip, wav_clip
+    from common.audio import decode_audio
+    from common.video import probe_video
+
+    assert probe_video(mp4_clip(32, 32, 60.0, seed=1)).total_frames == 240
+    # the bytes depend on the seed alone, not on the cache
+    assert mp4_clip.__wrapped__(64, 48, 1.0, 3) == mp4_clip.__wrapped__(64, 48, 1.0, 3)
+    assert wav_clip.__wrapped__(0.5, 3) == wav_clip.__wrapped__(0.5, 3) != wav_clip.__wrapped__(0.5, 4)
+    assert decode_audio(wav_clip(30.0, seed=1), declared_format="wav").shape == (480_000,)
+
+
+def test_media_flags_parse_and_bad_ones_are_refused(capsys):
+    from bench.serve.runner import _workload_line, dataset_config
+
+    args = media_parser().parse_args(["--videos", "2", "--video-seconds", "3", "--video-size", "112x64",
+                                      "--audios", "1", "--audio-seconds", "30"])  # fmt: skip
+    config = dataset_config(args)
+    assert (config.videos, config.video_size, config.video_seconds) == (2, (112, 64), 3.0)
+    assert (config.audios, config.audio_seconds) == (1, 30.0)
+    line = _workload_line(args, "m")
+    assert "2 video(s) of 3 s at 112x64, 4 fps" in line and "1 audio clip(s) of 30 s" in line
+    defaults = media_parser().parse_args([])
+    assert (defaults.videos, defaults.audios) == (0, 0) and "video" not in _workload_line(defaults, "m")
+    for flags, message in [
+        (["--video-seconds", "61"], "bad video length"),
+        (["--video-seconds", "0"], "bad video length"),
+        (["--video-seconds", "nan"], "bad video length"),
+        (["--audio-seconds", "30.5"], "bad audio length"),
+        (["--audio-seconds", "0"], "bad audio length"),
+        (["--video-size", "225x224"], "even"),
+        (["--video-size", "8x8"], "at least 16"),
+        (["--video-size", "4000x4000"], "pixels"),
+        (["--video-size", "224x224,112x112"], "one WIDTHxHEIGHT"),
+        (["--videos", "-1"], "bad count"),
+        (["--audios", "x"], "bad count"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            media_parser().parse_args(flags)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, flags
+    for bad in [dict(videos=-1), dict(videos=1, video_seconds=90.0), dict(audios=1, audio_seconds=40.0),
+                dict(videos=1, video_size=(63, 48))]:  # fmt: skip
+        with pytest.raises(ValueError):
+            DatasetConfig(**bad)
