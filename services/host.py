@@ -43,6 +43,12 @@ from services.wire_checks import Refusals
 
 log = get_logger("epd.host")
 
+# How long a stage that re-registered ignores further "register again" answers. Heartbeats queued
+# while the gateway was down are each answered with one; they all come before the answer to our
+# Register, so without this the stage would abort and register once per queued heartbeat. Bounded, so
+# a Register that got lost is still sent again on the next retry.
+REJOIN_WAIT_S = 2.0
+
 
 class Host:
     def __init__(self, config: HostConfig) -> None:
@@ -56,6 +62,7 @@ class Host:
         self.engine = None
         self.handlers: dict = {}
         self.refusals = Refusals(log)
+        self.rejoin_pending_until = 0.0  # monotonic time until which further retries are ignored
 
     # ---- start-up ----------------------------------------------------------------------------------
 
@@ -193,11 +200,16 @@ class Host:
 
     def _on_ack(self, msg: RegisterAck) -> None:
         if msg.retry:  # the gateway forgot us (restart, missed heartbeats): join again, empty-handed
+            now = time.monotonic()
+            if now < self.rejoin_pending_until:
+                return  # the answer to a heartbeat sent before our Register: that one is on its way
+            self.rejoin_pending_until = now + REJOIN_WAIT_S
             aborted = self._abort_all(self._workers(), None)
             log.warning("gateway asked to register again", reason=msg.reason, aborted=aborted)
             self.io.heartbeat_interval = 0
             self.io.to_gateway(Register(info=self.info()))
         elif msg.accepted:
+            self.rejoin_pending_until = 0.0
             self.io.heartbeat_interval = bounded_interval(msg.heartbeat_interval)
 
     def _abort(self, request_id: str) -> None:

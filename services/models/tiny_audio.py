@@ -1,6 +1,6 @@
 """The Qwen2-Audio parts of the offline tiny checkpoints: config, feature extractor and processor.
 
-Kept apart from services/models/tiny.py (the vision families and the build itself) because an audio
+Kept apart from services/models/tiny.py and tiny_configs.py (the build, the vision families) because an audio
 checkpoint differs in every file but the weights' format: a Whisper-style encoder config, a
 `WhisperFeatureExtractor` as `preprocessor_config.json` (128 mel bins, 16 kHz, 30 s windows: Qwen2-Audio's
 settings), a tokenizer with the three audio tokens, and a `Qwen2AudioProcessor` whose chat template
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# Encoder width, layers, heads, ffn for each preset (the text side comes from tiny.py's presets).
+# Encoder width, layers, heads, ffn for each preset (the text side comes from tiny_configs.py's presets).
 AUDIO_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"a_dim": 32, "a_layers": 2, "a_heads": 2, "a_ffn": 64},
     "small": {"a_dim": 256, "a_layers": 4, "a_heads": 4, "a_ffn": 1024},
@@ -46,7 +46,7 @@ def build_audio_config(preset: dict[str, Any], text_config: dict[str, Any], toke
         audio_config=audio,
         text_config=text,
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO),
-        # the composite model's weight init reads it here (see tiny.py)
+        # the composite model's weight init reads it here (see tiny_configs.py)
         initializer_range=preset["init"],
         tie_word_embeddings=False,
         bos_token_id=text_config["bos_token_id"],

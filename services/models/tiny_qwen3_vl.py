@@ -42,7 +42,7 @@ def interleaved_mrope_section(head_dim: int) -> list[int]:
 def build_qwen3_vl_config(
     preset: dict[str, Any], text_config: dict[str, Any], vision: dict[str, Any], top: dict[str, Any]
 ) -> Any:
-    """Qwen3VLConfig from tiny.py's shared preset, text and vision settings and top-level token ids."""
+    """Qwen3VLConfig from tiny_configs.py's shared preset, text and vision settings and top token ids."""
     from transformers import Qwen3VLConfig
 
     head_dim = preset["hidden"] // preset["heads"]
