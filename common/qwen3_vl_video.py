@@ -13,7 +13,7 @@ prompts transformers' processor would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 DEFAULT_FPS = 24.0  # what the processor assumes when a video's frame rate is unknown
 
@@ -44,3 +44,32 @@ def video_placeholder_text(
     return "".join(
         f"<{t:.1f} seconds>{vision_start}{video_token * tokens_per_patch}{vision_end}" for t in timestamps
     )
+
+
+def video_prompt_ids(
+    encode: Callable[[str], list[int]],
+    timestamps: Sequence[float],
+    tokens_per_patch: int,
+    video_token_id: int,
+    vision_start_id: int,
+    vision_end_id: int,
+) -> list[int]:
+    """Token ids of `video_placeholder_text`: each timestamp is text between two special tokens, so it
+    tokenizes alone exactly as inside the whole prompt (`encode` takes text, adds no special tokens)."""
+    out: list[int] = []
+    for t in timestamps:
+        out += encode(f"<{t:.1f} seconds>")
+        out += [vision_start_id, *[video_token_id] * tokens_per_patch, vision_end_id]
+    return out
+
+
+def replace_placeholders(token_ids: list[int], placeholder_id: int, runs: Sequence[list[int]]) -> list[int]:
+    """The i-th `placeholder_id` replaced by `runs[i]` (the counts must agree: the caller checks)."""
+    out: list[int] = []
+    it = iter(runs)
+    for tok in token_ids:
+        if tok == placeholder_id:
+            out.extend(next(it))
+        else:
+            out.append(tok)
+    return out

@@ -38,6 +38,8 @@ class VideoPlan:
     grid_thw: tuple[int, int, int]
     num_tokens: int
     second_per_grid_t: float
+    # Qwen3-VL: the seconds of each temporal patch, written into the prompt; () for other families
+    timestamps: tuple[float, ...] = ()
 
 
 def plan_video(probe: VideoProbe, sampling: VideoSampling) -> VideoPlan:
@@ -47,13 +49,16 @@ def plan_video(probe: VideoProbe, sampling: VideoSampling) -> VideoPlan:
     A `ValueError` (a fixed `num_frames` above the video's, an aspect ratio over 200) is the
     client's problem: the caller turns it into a 400.
     """
-    count = len(sampling.sample_frames(probe.total_frames, probe.video_fps))
+    indices = sampling.sample_frames(probe.total_frames, probe.video_fps)
+    count = len(indices)
     size = (count, probe.height, probe.width)
+    stamps = getattr(sampling, "timestamps", None)  # a family whose prompt carries frame times
     return VideoPlan(
         num_frames=count,
         grid_thw=sampling.grid_thw(*size),
         num_tokens=sampling.num_tokens(*size),
         second_per_grid_t=sampling.second_per_grid_t(count, probe.total_frames, probe.video_fps),
+        timestamps=tuple(stamps(indices, probe.video_fps)) if stamps else (),
     )
 
 

@@ -52,6 +52,7 @@ class ImageInput:
     second_per_grid_t: float = 0.0  # a video's seconds per temporal patch (Qwen2.5-VL's M-RoPE)
     video: VideoSettings | None = None  # the sampling a video was planned with, for the encoder
     max_seconds: float = 0.0  # audio: the duration it was decoded (and counted) within
+    timestamps: tuple[float, ...] = ()  # Qwen3-VL video: seconds per temporal patch, for the prompt
 
 
 @dataclass(slots=True)

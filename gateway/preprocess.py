@@ -24,6 +24,8 @@ from typing import Any
 
 from common.audio_features import AudioGeometry
 from common.prompting import expand_placeholders
+from common.qwen3_vl_sampling import Qwen3VLVideoSampling
+from common.qwen3_vl_video import replace_placeholders, video_prompt_ids
 from common.sampling_params import SamplingParams
 from common.tokenizer import ChatTemplateError, TextTokenizer
 from common.video_sampling import VIDEO_PREPROCESSOR_CONFIG, VideoSampling
@@ -84,14 +86,21 @@ class Preprocessor:
                 max_pixels=config.max_image_pixels,
                 allowed_dirs=config.allowed_local_media_dirs,
             )
-        # a vision model: videos too, except Qwen3-VL's, whose prompts need per-patch timestamps and
-        # frame plans the gateway does not render yet (docs/qwen3_vl.md): refused, not served wrong
-        videos = model_config.get("model_type") != "qwen3_vl"
-        if self.images is not None and self.video_token_id is not None and videos:
+        # a vision model: videos too. Qwen3-VL samples and resizes with its own rules, and its prompt
+        # puts a timestamp before each temporal patch's run of pads (docs/qwen3_vl.md)
+        self.video_stamps: tuple[int, int] | None = None  # (vision_start, vision_end) ids: Qwen3-VL
+        if self.images is not None and self.video_token_id is not None:
             video_config = _read_json(config.model_dir / VIDEO_PREPROCESSOR_CONFIG)  # else Qwen's defaults
-            self.videos = VideoLoader(
-                VideoSampling.from_config(video_config), video_limits(config), config.allowed_local_media_dirs
-            )
+            rule: type[VideoSampling] = VideoSampling
+            if model_config.get("model_type") == "qwen3_vl":
+                rule = Qwen3VLVideoSampling
+                start = _token_id(model_config, "vision_start_token_id", "<|vision_start|>", tokenizer)
+                end = _token_id(model_config, "vision_end_token_id", "<|vision_end|>", tokenizer)
+                self.video_stamps = None if start is None or end is None else (start, end)
+            if rule is VideoSampling or self.video_stamps is not None:  # else videos are refused
+                self.videos = VideoLoader(
+                    rule.from_config(video_config), video_limits(config), config.allowed_local_media_dirs
+                )
         self.sampling_defaults = _sampling_defaults(_read_json(config.model_dir / "generation_config.json"))
 
     def chat(self, request: ChatCompletionRequest, request_id: str, max_model_len: int) -> GenerateRequest:
@@ -177,8 +186,30 @@ class Preprocessor:
                     f"{noun} ({kind} placeholder tokens may not appear in text)",
                     param=param,
                 )
-            token_ids = expand_placeholders(token_ids, pad, counts)
+            if kind == "video" and self.video_stamps is not None:
+                token_ids = replace_placeholders(token_ids, pad, self._video_runs(media))
+            else:
+                token_ids = expand_placeholders(token_ids, pad, counts)
         return token_ids
+
+    def _video_runs(self, media: list[ImageInput]) -> list[list[int]]:
+        """Each video's ids as `Qwen3VLProcessor` writes them: per temporal patch, its timestamp and
+        `<|vision_start|>` pads `<|vision_end|>`."""
+        assert self.video_stamps is not None and self.videos is not None and self.video_token_id is not None
+        start, end = self.video_stamps
+        merge = self.videos.sampling.merge_size
+        return [
+            video_prompt_ids(
+                self.tokenizer.encode,
+                item.timestamps,
+                item.grid_thw[1] * item.grid_thw[2] // merge**2,
+                self.video_token_id,
+                start,
+                end,
+            )  # fmt: skip
+            for item in media
+            if item.kind == "video"
+        ]
 
     def _sampling(self, request: Any, prompt_len: int, max_model_len: int) -> SamplingParams:
         return sampling_params(

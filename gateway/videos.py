@@ -54,6 +54,7 @@ class VideoLoader:
             kind="video",
             second_per_grid_t=plan.second_per_grid_t,
             video=self.settings,
+            timestamps=plan.timestamps,
         )
 
     def _fetch(self, url: str) -> bytes:

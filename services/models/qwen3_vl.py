@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from common.qwen3_vl_sampling import Qwen3VLVideoSampling
 from services.engine.attention import AttentionMetadata
 from services.engine.inputs import ModelInputs
 from services.models.qwen2_vl import ImageItem, Qwen2VLFamily
@@ -41,6 +42,9 @@ class Qwen3VLFamily(Qwen2VLFamily):
     def __init__(self, model: Any, image_processor: Any, video_config: dict[str, Any] | None = None) -> None:
         super().__init__(model, image_processor, video_config)
         self.temporal_video = False  # no second_per_grid_ts in Qwen3-VL's get_rope_index
+        # its own frame sampling and resize rule, and one placeholder run per temporal patch
+        self.video_sampling = Qwen3VLVideoSampling.from_config(video_config or {})
+        self.video_runs_per_patch = True
         self.deepstack_levels = len(self.config.vision_config.deepstack_visual_indexes)
         # the width of one encoder output row: what a FeatureOffer must carry
         self.feature_width = self.hidden_size * (1 + self.deepstack_levels)

@@ -35,6 +35,7 @@ class PrefillLimits:
     max_feature_bytes: int  # the feature cache: one item larger than it could never be kept
     video_token_id: int | None = None  # None: the model takes no videos
     audio_token_id: int | None = None  # None: the model takes no audio
+    video_runs_per_patch: bool = False  # Qwen3-VL: a run per temporal patch, timestamps between
 
     @classmethod
     def of(cls, family: Any, engine: Any, dataplane: Any, cache_bytes: int) -> PrefillLimits:
@@ -48,6 +49,7 @@ class PrefillLimits:
             dataplane_backend=dataplane.descriptor().get("backend", ""), max_feature_bytes=cache_bytes,
             video_token_id=getattr(family, "video_token_id", None),
             audio_token_id=getattr(family, "audio_token_id", None),
+            video_runs_per_patch=bool(getattr(family, "video_runs_per_patch", False)),
         )  # fmt: skip
 
 
@@ -75,9 +77,10 @@ def prefill_problem(msg: Prefill, lim: PrefillLimits, *, decodes: bool) -> str |
 
 def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
     """Each item's grid must merge into whole tokens, and the prompt's placeholders come in one run
-    per item of exactly that many tokens, of the item's kind (image, video or audio), in order: what
-    the M-RoPE positions are computed from. (`num_tokens` says the same for whoever reads the message;
-    the grid decides here. An audio clip's grid is (1, 1, tokens), with the audio family's merge 1.)"""
+    per item (a Qwen3-VL video: one per temporal patch, `video_runs_per_patch`) of exactly that many
+    tokens, of the item's kind (image, video or audio), in order: what the M-RoPE positions are
+    computed from. (`num_tokens` says the same for whoever reads the message; the grid decides here.
+    An audio clip's grid is (1, 1, tokens), with the audio family's merge 1.)"""
     if not msg.mm:
         return None
     pads = {"image": lim.image_token_id, "video": lim.video_token_id, "audio": lim.audio_token_id}
@@ -103,7 +106,13 @@ def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
     runs = [
         (kind, len(list(g))) for kind, g in itertools.groupby(msg.token_ids, kind_of.get) if kind is not None
     ]
-    wanted = [(ref.kind, grid_tokens(ref.grid_thw, m)) for ref in msg.mm]
+    wanted = []
+    for ref in msg.mm:
+        if ref.kind == "video" and lim.video_runs_per_patch:  # t runs of h * w / m^2, text between
+            t, h, w = ref.grid_thw
+            wanted += [("video", grid_tokens((1, h, w), m))] * t
+        else:
+            wanted.append((ref.kind, grid_tokens(ref.grid_thw, m)))
     if runs != wanted:
         return f"mm: token_ids hold placeholder runs of [{_runs(runs)}], the items make [{_runs(wanted)}]"
     return None
