@@ -41,7 +41,7 @@ def audio_message(clip: bytes, fmt: str = "wav") -> list[dict]:
     return [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}]
 
 
-@pytest.mark.parametrize("topology", ["EPD1", "E1 P1 D1"])
+@pytest.mark.parametrize("topology", ["EPD1", "E1 P1 D1", "EP1 D1", "E1 PD1"])
 def test_an_audio_request_gets_transformers_answer(topology, tiny_qwen2_audio, tmp_path):
     from tests.e2e.stack import running_stack
 
@@ -56,6 +56,10 @@ def test_an_audio_request_gets_transformers_answer(topology, tiny_qwen2_audio, t
         )
         assert reply.choices[0].message.content == expected
         assert reply.usage.prompt_tokens > 25  # 25 audio placeholder tokens, and the text
+        chunks = client.chat.completions.create(
+            model=model, messages=audio_message(clip), max_tokens=MAX_TOKENS, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
 
         with pytest.raises(openai.BadRequestError, match="corrupt or truncated|not a supported audio"):
             client.chat.completions.create(

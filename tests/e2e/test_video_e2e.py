@@ -34,6 +34,14 @@ def expected_answer(reference, video: bytes, image) -> str:
     return tok.decode(tokens, skip_special_tokens=True)
 
 
+def streamed(client, model: str, messages: list[dict]) -> str:
+    """The same request, streamed: its text deltas joined."""
+    chunks = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
 def video_message(video: bytes, image) -> list[dict]:
     uri = "data:video/mp4;base64," + base64.b64encode(video).decode()
     return [
@@ -49,8 +57,9 @@ def video_message(video: bytes, image) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    ("topology", "family"), [("EPD1", "qwen2_vl"), ("E1 P1 D1", "qwen2_5_vl")]
-)  # the split stack with the family whose positions also need the seconds per patch
+    ("topology", "family"),
+    [("EPD1", "qwen2_vl"), ("E1 P1 D1", "qwen2_5_vl"), ("EP1 D1", "qwen2_vl"), ("E1 PD1", "qwen2_5_vl")],
+)  # each topology once; the split ones also with the family whose positions need the seconds per patch
 def test_a_video_request_gets_transformers_answer(topology, family, tmp_path, request):
     """Qwen2.5-VL's temporal positions count seconds: the clip's 0.5 s per temporal patch must reach
     the prefill stage's M-RoPE through the wire."""
@@ -67,6 +76,7 @@ def test_a_video_request_gets_transformers_answer(topology, family, tmp_path, re
         )
         assert reply.choices[0].message.content == expected
         assert reply.usage.prompt_tokens > 8 + 12  # 8 video and 12 image placeholder tokens, and text
+        assert streamed(client, model, video_message(video, image)) == expected
 
         with pytest.raises(openai.BadRequestError, match="cannot decode the video"):
             client.chat.completions.create(
