@@ -8,12 +8,11 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from common.audio import DEFAULT_MAX_BYTES, declared_containers
-from common.media import MediaError, decode_data_uri, read_local_file
+from common.media import MediaError, decode_data_uri, media_url_bytes, read_local_file
 
 
 def input_audio_bytes(
@@ -43,21 +42,7 @@ def audio_url_bytes(
     A data URI's media type is not checked (tools write `application/octet-stream`, `audio/x-wav`
     and more); the bytes are. Remote URLs are refused: fetching them needs SSRF defences.
     """
-    if url.startswith("data:"):
-        return decode_data_uri(url, max_bytes=max_bytes)
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme in ("http", "https"):
-        raise MediaError("audio URLs over http(s) are not fetched by this server; send a data: URI")
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise MediaError(f"file:// URIs must name a local file, got host {parts.netloc!r}")
-        return read_audio_file(
-            urllib.parse.unquote(parts.path), allowed_dirs=allowed_dirs, max_bytes=max_bytes
-        )
-    if url.startswith("/"):
-        return read_audio_file(url, allowed_dirs=allowed_dirs, max_bytes=max_bytes)
-    raise MediaError("unsupported audio URL: expected a data: URI, a file:// URI or an absolute file path")
+    return media_url_bytes(url, kind="audio", allowed_dirs=allowed_dirs, max_bytes=max_bytes)
 
 
 def read_audio_file(

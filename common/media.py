@@ -149,3 +149,31 @@ def decode_data_uri(uri: str, *, max_bytes: int | None = None) -> bytes:
     if max_bytes is not None and len(data) > max_bytes:
         raise MediaError(f"data URI holds {len(data)} bytes, limit is {max_bytes}")
     return data
+
+
+def media_url_bytes(
+    url: str, *, kind: str, allowed_dirs: Iterable[str | os.PathLike[str]] | None, max_bytes: int
+) -> bytes:
+    """The bytes behind a media part's URL (`kind`: image, video, audio): a `data:` URI, a `file://`
+    URI or an absolute path (the local file under `read_local_file`'s rules; `None` allows any, an
+    empty list none). Remote URLs are refused: fetching them for a client needs SSRF defences."""
+    if url.startswith("data:"):
+        return decode_data_uri(url, max_bytes=max_bytes)
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        raise MediaError(f"{kind} URLs over http(s) are not fetched by this server; send a data: URI")
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise MediaError(f"file:// URIs must name a local file, got host {parts.netloc!r}")
+        path = urllib.parse.unquote(parts.path)
+    elif url.startswith("/"):
+        path = url
+    else:
+        raise MediaError(
+            f"unsupported {kind} URL: expected a data: URI, a file:// URI or an absolute file path"
+        )
+    roots = None if allowed_dirs is None else list(allowed_dirs)
+    if roots == []:
+        raise MediaError(f"local {kind} files are not allowed on this server; send a data: URI")
+    return read_local_file(path, allowed_dirs=roots, max_bytes=max_bytes, kind=kind)

@@ -13,12 +13,11 @@ behalf needs its own SSRF defences, and the stages here have no way out anyway.
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
 from common.hashing import content_hash
-from common.media import MediaError, decode_data_uri, decode_image, read_local_file
+from common.media import MediaError, decode_image, media_url_bytes
 from common.vision_geometry import VisionGeometry
 from gateway.backend import ImageInput
 from gateway.errors import bad_request
@@ -58,26 +57,4 @@ class ImageLoader:
         )
 
     def _fetch(self, url: str) -> bytes:
-        if url.startswith("data:"):
-            return decode_data_uri(url, max_bytes=self.max_bytes)
-        scheme = urllib.parse.urlsplit(url).scheme.lower()
-        if scheme in ("http", "https"):
-            raise MediaError("image URLs over http(s) are not fetched by this server; send a data: URI")
-        if scheme == "file":
-            parts = urllib.parse.urlsplit(url)
-            if parts.netloc not in ("", "localhost"):
-                raise MediaError(f"file:// URIs must name a local file, got host {parts.netloc!r}")
-            return self._read_file(urllib.parse.unquote(parts.path))
-        if url.startswith("/"):
-            return self._read_file(url)
-        raise MediaError(
-            "unsupported image URL: expected a data: URI, a file:// URI or an absolute file path"
-        )
-
-    def _read_file(self, path: str) -> bytes:
-        """A local image, if it lies inside an allowed folder (`media.read_local_file`'s rules)."""
-        if not self.allowed_dirs:
-            raise MediaError("local image files are not allowed on this server; send a data: URI")
-        if not path.startswith("/"):
-            raise MediaError(f"local image paths must be absolute, got {path!r}")
-        return read_local_file(path, allowed_dirs=self.allowed_dirs, max_bytes=self.max_bytes, kind="image")
+        return media_url_bytes(url, kind="image", allowed_dirs=self.allowed_dirs, max_bytes=self.max_bytes)

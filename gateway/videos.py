@@ -15,11 +15,10 @@ the folders the operator allowed, as for images. Remote http(s) URLs are refused
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.media import MediaError, decode_data_uri, read_local_file
+from common.media import MediaError, media_url_bytes
 from common.video import VideoLimits, probe_video
 from common.video_plan import plan_video, settings_of, video_key
 from common.video_sampling import VideoSampling
@@ -58,28 +57,6 @@ class VideoLoader:
         )
 
     def _fetch(self, url: str) -> bytes:
-        if url.startswith("data:"):
-            return decode_data_uri(url, max_bytes=self.limits.max_bytes)
-        parts = urllib.parse.urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme in ("http", "https"):
-            raise MediaError("video URLs over http(s) are not fetched by this server; send a data: URI")
-        if scheme == "file":
-            if parts.netloc not in ("", "localhost"):
-                raise MediaError(f"file:// URIs must name a local file, got host {parts.netloc!r}")
-            return self._read_file(urllib.parse.unquote(parts.path))
-        if url.startswith("/"):
-            return self._read_file(url)
-        raise MediaError(
-            "unsupported video URL: expected a data: URI, a file:// URI or an absolute file path"
-        )
-
-    def _read_file(self, path: str) -> bytes:
-        """A local video, if it lies inside an allowed folder (`media.read_local_file`'s rules)."""
-        if not self.allowed_dirs:
-            raise MediaError("local video files are not allowed on this server; send a data: URI")
-        if not path.startswith("/"):
-            raise MediaError(f"local video paths must be absolute, got {path!r}")
-        return read_local_file(
-            path, allowed_dirs=self.allowed_dirs, max_bytes=self.limits.max_bytes, kind="video"
+        return media_url_bytes(
+            url, kind="video", allowed_dirs=self.allowed_dirs, max_bytes=self.limits.max_bytes
         )
