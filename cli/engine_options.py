@@ -15,6 +15,7 @@ from cli.placement import devices_arg, role_devices_arg
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")  # services/engine/attention/registry.py BACKEND_NAMES
 CPU_KV_CACHE_MIB = 256  # what "auto" means on cpu
 SWAP_SPACE_GIB = 4.0  # per engine, vLLM's default swap_space
+ENCODER_BATCH_TOKENS = 8192  # services/host_config.py HostConfig.encode_batch_tokens
 
 
 def kv_cache_mib(text: str) -> int | None:
@@ -37,6 +38,13 @@ def memory_fraction(text: str) -> float:
             f"bad --gpu-memory-utilization {text!r}: a fraction above 0 and at most 1, e.g. 0.9"
         )
     return value
+
+
+def positive_tokens(text: str) -> int:
+    """A token count: a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"bad token count {text!r}: a whole number >= 1")
+    return int(text)
 
 
 def swap_gib(text: str) -> float:
@@ -79,6 +87,10 @@ def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *
                    help="dtype of the vision (or audio) encoder of processes that encode (default auto: "
                         "the --dtype of the rest); bfloat16 runs a CPU encoder about twice as fast "
                         "where the CPU has AMX or AVX-512 BF16, with a float32 language model")  # fmt: skip
+    p.add_argument("--encoder-batch-tokens", type=positive_tokens, default=ENCODER_BATCH_TOKENS, metavar="N",
+                   help="processes that encode: encoder output tokens of one encoder call; queued images, "
+                        "videos and audio clips are encoded together up to this many (one item larger "
+                        f"than it runs alone; default {ENCODER_BATCH_TOKENS})")  # fmt: skip
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the KV of full blocks after a request ends and share it with later prompts "
                         "that start the same way (a system prompt, the same image): their prefill "

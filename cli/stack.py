@@ -52,6 +52,7 @@ class StackConfig:
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV per process; 0: never swap
     enable_prefix_caching: bool = True
     encoder_dtype: str = "auto"
+    encoder_batch_tokens: int = 8192
     threads: int = 1
     cpus: list[str] = field(default_factory=list)  # per process, in topology order
     allowed_local_media_dirs: list[str] = field(default_factory=list)
@@ -161,8 +162,10 @@ class Stack:
             cmd.append("--enforce-eager")
         if not c.enable_prefix_caching:
             cmd.append("--no-enable-prefix-caching")
-        if c.encoder_dtype != "auto" and "E" in roles:
-            cmd += ["--encoder-dtype", c.encoder_dtype]
+        if "E" in roles:
+            cmd += ["--encoder-batch-tokens", str(c.encoder_batch_tokens)]
+            if c.encoder_dtype != "auto":
+                cmd += ["--encoder-dtype", c.encoder_dtype]
         if c.kv_staging != "auto":
             cmd += ["--kv-staging", c.kv_staging]
         if c.dtype:

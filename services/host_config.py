@@ -39,7 +39,8 @@ class HostConfig:
         None  # the encoder's own dtype (services/models/encoder_dtype.py); None: dtype
     )
     encode_cache_bytes: int = 512 * 2**20
-    max_encode_batch: int = 16
+    max_encode_batch: int = 16  # items of one encoder call
+    encode_batch_tokens: int = 8192  # encoder output tokens of one encoder call (one item may be over)
     threads: int | None = None
     keys: StackKeys | None = None  # the stack's CurveZMQ keys (common/stack_keys.py); None: insecure
 

@@ -99,7 +99,7 @@ def build_roles(c: HostConfig, io: Any) -> Roles:
 
         built.encode = EncodeWorker(
             fam, io, dataplane, cache_bytes=c.encode_cache_bytes, max_batch_items=c.max_encode_batch,
-            local_prefill=built.prefill, local_id=c.instance_id,
+            max_batch_tokens=c.encode_batch_tokens, local_prefill=built.prefill, local_id=c.instance_id,
         )  # fmt: skip
     return built
 

@@ -72,6 +72,7 @@ class StackOptions:
     swap_space: float = 4.0  # GiB per process
     enable_prefix_caching: bool = True
     encoder_dtype: str = "auto"
+    encoder_batch_tokens: int = 8192
     ready_timeout: float = 180.0
 
 
@@ -143,7 +144,8 @@ async def topology_server(topology: str, options: StackOptions) -> AsyncIterator
         enforce_eager=options.enforce_eager, kv_staging=options.kv_staging, devices=options.devices,
         devices_for=applicable(options.devices_for, topo.processes()),
         max_num_seqs=options.max_num_seqs, swap_space=options.swap_space,
-        enable_prefix_caching=options.enable_prefix_caching, encoder_dtype=options.encoder_dtype, threads=options.threads or max(1, (os.cpu_count() or 1) // n),
+        enable_prefix_caching=options.enable_prefix_caching, encoder_dtype=options.encoder_dtype,
+        encoder_batch_tokens=options.encoder_batch_tokens, threads=options.threads or max(1, (os.cpu_count() or 1) // n),
         cpus=_cpus_for(options, n), ready_timeout=options.ready_timeout, restart=False,
     )  # fmt: skip
     stack = Stack(config)

@@ -2,8 +2,10 @@
 
 Life of an item: an ENCODE message brings the image, video or audio bytes (or only the hash, when this
 encoder holds its features); items queue up; `run_batch` decodes, preprocesses (a video or audio clip:
-see services/encode/media_items.py) and encodes up to `max_batch_items` of them in one encoder call; the features go into an LRU cache keyed by content hash and are offered
-to the prefill instance the gateway chose. That instance answers with a destination buffer (or with
+see services/encode/media_items.py) and encodes them together in one encoder call, images, videos and
+clips alike, as many as fit one budget of encoder output tokens (`max_batch_tokens`, and at most
+`max_batch_items`; one item over the budget runs alone); the features go into an LRU cache keyed by
+content hash and are offered to the prefill instance the gateway chose. That instance answers with a destination buffer (or with
 nothing, when it holds the hash already) and the bytes move over the data plane. A prefill role in the
 same process gets the tensor itself: no copy.
 
@@ -58,6 +60,7 @@ class _Item:
     dest: Encode
     queued_at: float = 0.0  # time.perf_counter() when it joined the queue
     spec: MMItem | None = None  # the message's item: kind, a video's sampling, an audio clip's cut
+    prepared: Any = None  # the family's encoder input, once made (kept when the budget defers it)
 
     @property
     def kind(self) -> str:
@@ -73,6 +76,7 @@ class EncodeWorker:
         *,
         cache_bytes: int = 1 << 30,
         max_batch_items: int = 16,
+        max_batch_tokens: int = 8192,
         local_prefill: Any = None,
         local_id: str = "",
     ) -> None:
@@ -81,6 +85,7 @@ class EncodeWorker:
         self.dataplane = dataplane
         self.cache: ByteLRU[torch.Tensor] = ByteLRU(cache_bytes)
         self.max_batch_items = max_batch_items
+        self.max_batch_tokens = max_batch_tokens
         self.local_prefill = local_prefill
         self.local_id = local_id
         self.queue: deque[_Item] = deque()
@@ -163,31 +168,11 @@ class EncodeWorker:
     # ---- compute -----------------------------------------------------------------------------------
 
     def run_batch(self) -> None:
-        """Encode up to `max_batch_items` queued images in one encoder call."""
-        batch: list[_Item] = []
-        repeats: list[_Item] = []  # the same image twice among the queued items: encode it once
-        seen: set[str] = set()
+        """Encode queued items in one encoder call: in queue order, as many as `max_batch_tokens` of
+        encoder output and `max_batch_items` allow (the first one always). An item that does not fit
+        goes back to the head of the queue, prepared, for the next call."""
         began = time.perf_counter()
-        while self.queue and len(batch) < self.max_batch_items:
-            item = self.queue.popleft()
-            self.phases.observe("encode_queue", began - item.queued_at)
-            cached = self.cache.get(item.hash)
-            if cached is not None:
-                self._deliver(item.hash, cached, item.dest)
-            elif item.hash in seen:
-                repeats.append(item)
-            else:
-                seen.add(item.hash)
-                batch.append(item)
-        ready, prepared = [], []
-        for item in batch:
-            try:
-                prepared.append(
-                    prepare_item(self.family, item.spec or MMItem(hash=item.hash), item.data or b"")
-                )
-                ready.append(item)
-            except (MediaError, ValueError) as exc:
-                self._fail(item.request_id, f"{item.kind} could not be processed: {exc}", 400)
+        ready, prepared, repeats = self._take_batch(began)
         if ready:
             try:
                 encoded = self.family.encode(prepared)
@@ -212,6 +197,41 @@ class EncodeWorker:
                 self._fail(item.request_id, "image could not be processed", 400)
             else:
                 self._deliver(item.hash, features, item.dest)
+
+    def _take_batch(self, began: float) -> tuple[list[_Item], list[Any], list[_Item]]:
+        """(items to encode, their encoder inputs, repeats of those items' content to serve after)."""
+        ready: list[_Item] = []
+        prepared: list[Any] = []
+        repeats: list[_Item] = []  # the same content twice among the queued items: encode it once
+        seen: set[str] = set()
+        tokens = 0
+        while self.queue and len(ready) < self.max_batch_items:
+            item = self.queue.popleft()
+            cached = self.cache.get(item.hash)
+            if cached is not None:
+                self.phases.observe("encode_queue", began - item.queued_at)
+                self._deliver(item.hash, cached, item.dest)
+                continue
+            if item.hash in seen:
+                repeats.append(item)
+                continue
+            if item.prepared is None:
+                try:
+                    spec = item.spec or MMItem(hash=item.hash)
+                    item.prepared = prepare_item(self.family, spec, item.data or b"")
+                except (MediaError, ValueError) as exc:
+                    self._fail(item.request_id, f"{item.kind} could not be processed: {exc}", 400)
+                    continue
+            cost = self.family.num_image_tokens(item.prepared)
+            if ready and tokens + cost > self.max_batch_tokens:
+                self.queue.appendleft(item)  # the next call starts with it
+                break
+            self.phases.observe("encode_queue", began - item.queued_at)
+            tokens += cost
+            seen.add(item.hash)
+            ready.append(item)
+            prepared.append(item.prepared)
+        return ready, prepared, repeats
 
     # ---- helpers -----------------------------------------------------------------------------------
 
