@@ -51,8 +51,21 @@ class IncrementalDetokenizer:
             self.stopped = True
         return self.stopped
 
+    def _flush(self) -> None:
+        """The generation ended: tokens held back because they end inside a UTF-8 character are text
+        now, replacement character included (as `tokenizer.decode` of the whole output shows them)."""
+        if self.stopped or self._read_offset >= len(self.token_ids):
+            return
+        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.token_ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self.token_ids)
+        if len(full) > len(prefix):
+            self._append(full[len(prefix) :])
+
     def new_text(self, final: bool = False) -> str:
         """Text not handed out yet; while not final, keeps back a tail that may start a stop string."""
+        if final:
+            self._flush()
         end = len(self.text) if final or self.stopped else max(self._emitted, len(self.text) - self._hold)
         out = self.text[self._emitted : end]
         self._emitted = end

@@ -42,3 +42,17 @@ def test_stop_string_cuts_the_text_and_never_leaks_into_the_stream(tokenizer):
 def test_no_stop_string_means_no_stop(tokenizer):
     detok, streamed = stream(tokenizer, "nothing to see", stop=["xyz"])
     assert not detok.stopped and streamed == "nothing to see"
+
+
+def test_an_output_ending_inside_a_character_ends_with_its_replacement_character(tokenizer):
+    ids = tokenizer.encode("colour ✓ and ✗")
+    whole = [tokenizer.decode(ids[:end], skip_special_tokens=True) for end in range(1, len(ids) + 1)]
+    assert any(text.endswith("\ufffd") for text in whole)  # some prefix stops inside a character
+    for end, expected in enumerate(whole, start=1):
+        detok = IncrementalDetokenizer(tokenizer)
+        pieces = []
+        for tok in ids[:end]:
+            detok.push([tok])
+            pieces.append(detok.new_text())
+        pieces.append(detok.new_text(final=True))
+        assert "".join(pieces) == expected
