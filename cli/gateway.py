@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from cli.key_options import add_api_key_argument, add_key_arguments, api_key
+from cli.planner_options import add_planner_arguments, planner_config_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -36,6 +37,7 @@ def add_parser(subparsers) -> None:
                    help="do not print where to send requests once up (for a supervisor that prints its own)")  # fmt: skip
     add_api_key_argument(p)
     add_key_arguments(p)
+    add_planner_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     keys = resolve_keys(args, "epd-serve gateway")
     try:
         read_model_type(args.model)
-    except ModelLoadError as exc:
+        planner = planner_config_from_args(args)
+    except (ModelLoadError, ValueError) as exc:
         print(f"epd-serve gateway: error: {exc}", file=sys.stderr)
         return 2
     config = StackConfig(
@@ -61,5 +64,6 @@ def run(args: argparse.Namespace) -> int:
         control_host=args.control_host or args.host, control_port=args.control_port,
         max_model_len=args.max_model_len, allowed_local_media_dirs=args.allowed_local_media_path,
         keys=keys, insecure=keys is None, api_key=api_key(args), banner=not args.no_banner,
+        planner=planner,
     )  # fmt: skip
     return asyncio.run(Stack(config).serve_forever())

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cli.key_options import ENV_API_KEY
+from cli.planner_options import planner_argv
 
 if TYPE_CHECKING:
     from cli.stack import StackConfig
@@ -68,7 +69,7 @@ def gateway_command(config: StackConfig, port: int, control_host: str, control_p
         cmd += ["--max-model-len", str(config.max_model_len)]
     for folder in config.allowed_local_media_dirs:
         cmd += ["--allowed-local-media-path", str(folder)]
-    return cmd
+    return cmd + planner_argv(config.planner)
 
 
 def gateway_env(base: dict[str, str], key_env: dict[str, str], api_key: str | None) -> dict[str, str]:

@@ -24,6 +24,9 @@ SUBCOMMANDS = {
     "bench-dataplane": "cli.bench_dataplane",
     "ask": "cli.ask",
     "keys": "cli.keys",
+    "instances": "cli.admin",
+    "drain": "cli.admin",
+    "roles": "cli.admin",
 }
 
 
@@ -36,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in SUBCOMMANDS.values():
+    for module_name in dict.fromkeys(SUBCOMMANDS.values()):  # a module may declare several commands
         importlib.import_module(module_name).add_parser(subparsers)
     return parser
 

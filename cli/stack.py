@@ -24,6 +24,7 @@ from cli.placement import Placement, place
 from common.log import get_logger
 from common.stack_keys import ENV_DIR, ENV_PUBLIC, ENV_SECRET, StackKeys
 from common.topology import Topology
+from gateway.planner_config import PlannerConfig
 
 log = get_logger("epd.up")
 
@@ -65,6 +66,7 @@ class StackConfig:
     api_key: str | None = None  # clients must send it as a Bearer token on /v1 routes
     gateway_process: bool = False  # the gateway as a supervised child (`up`), not in this process
     banner: bool = True  # serve_forever prints where to send requests (off: a supervisor prints it)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)  # gateway/planner.py; default off
 
     def __post_init__(self) -> None:
         if self.keys is None and not self.insecure:
@@ -193,6 +195,7 @@ class Stack:
             max_len,
             f"tcp://{self.control_host}:{c.control_port or '*'}",
             keys=c.keys,
+            planner=c.planner,
         )
         await self.cluster.start()
         if c.topology is not None:
@@ -248,7 +251,10 @@ class Stack:
             if self.stopping or not self.config.restart:
                 continue
             for i, p in enumerate(self.children):
-                if p is not None and p.poll() is not None:
+                if p is not None and p.poll() == 0:  # it left on purpose (drained, or stopped)
+                    log.info("stage process left the stack", index=i)
+                    self.children[i] = None
+                elif p is not None and p.poll() is not None:
                     log.warning("stage process exited; starting it again", index=i, code=p.returncode)
                     self.children[i] = self._spawn(i)
             code = self.gateway.restart_if_exited() if self.gateway is not None else None

@@ -17,6 +17,7 @@ import sys
 
 from cli.engine_options import add_engine_arguments
 from cli.key_options import add_api_key_argument, add_key_arguments, api_key, resolve_keys
+from cli.planner_options import add_planner_arguments, planner_config_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -61,6 +62,7 @@ def add_parser(subparsers) -> None:
                    help="do not restart a stage process or the gateway when it exits")  # fmt: skip
     add_api_key_argument(p)
     add_key_arguments(p, generates=True)
+    add_planner_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     keys = resolve_keys(args, "epd-serve up", generate=True)
     try:
         topology = parse_topology(args.topology)
+        planner = planner_config_from_args(args)
         # where each process goes is checked before anything is built or started
         place(topology.processes(), args.device, args.devices, args.devices_for, os.environ)
     except ValueError as exc:
@@ -109,6 +112,6 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads or max(1, cores // n), cpus=cpus,
         allowed_local_media_dirs=args.allowed_local_media_path, ready_timeout=args.ready_timeout,
         restart=not args.no_restart, keys=keys, insecure=keys is None, api_key=api_key(args),
-        gateway_process=True,
+        gateway_process=True, planner=planner,
     )  # fmt: skip
     return asyncio.run(Stack(config).serve_forever())

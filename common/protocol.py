@@ -11,6 +11,9 @@ Who sends what (E encode, P prefill, D decode, G gateway):
   G -> E      Encode                      E -> P  FeatureOffer      P -> E  FeatureDest
   G -> P      Prefill                     G -> D  KvReserve         D -> P  KvDest
   P -> D      KvReady                     G -> any Abort            G -> E,P,D RegisterAck
+  G -> E,P,D  SetRoles                    G -> D  Handoff           E,P,D -> G  Leaving
+A decode instance handing a request off to another is its prefill for that request: D -> D KvReserve,
+KvDest back, KvReady (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -183,6 +186,7 @@ class KvDest(Msg):
     pool_blocks: int
     block_bytes: int
     dataplane: dict = {}
+    buffer_id: str = "kv"  # the destination pool's data-plane buffer (a new one after a role change)
 
 
 class KvReady(Msg):
@@ -190,8 +194,11 @@ class KvReady(Msg):
 
     request_id: str
     token_ids: list[int]  # prompt + first token
-    num_prompt_tokens: int
+    num_prompt_tokens: int  # tokens whose KV was written (the prompt, or all but the last one moved)
     rope_delta: int = 0
+    # a hand-off between decode instances: the request's own prompt length, so its output count
+    # (max_tokens, seeded sampling's token index) goes on where it was; 0: num_prompt_tokens
+    prompt_len: int = 0
 
 
 # ---- results --------------------------------------------------------------------------------------
@@ -231,6 +238,34 @@ class Abort(Msg):
     request_id: str
 
 
+# ---- orchestration --------------------------------------------------------------------------------
+
+
+class SetRoles(Msg):
+    """G -> E,P,D: serve `roles` from now on; "" leaves the stack (drain). The gateway sends no new
+    work for a role being left; the instance finishes what it holds for it (a decode instance is
+    sent a Handoff for each request it may move), frees that role's memory, builds what a new role
+    needs and registers again with its new roles, or sends Leaving and exits when `roles` is empty."""
+
+    roles: str
+    reason: str = ""
+
+
+class Handoff(Msg):
+    """G -> D: move `request_id`, with its KV, to the decode instance `decode_id`; its tokens go on
+    from there. A request not held here (ended already) is ignored."""
+
+    request_id: str
+    decode_id: str
+    decode_address: str
+
+
+class Leaving(Msg):
+    """E,P,D -> G: this instance holds no request and exits now; forget it without failing anything."""
+
+    reason: str = ""
+
+
 # frame 0 byte <-> type; append new types at the end, never renumber
 MSG_TYPES: dict[int, type[Msg]] = {
     1: Register,
@@ -247,5 +282,8 @@ MSG_TYPES: dict[int, type[Msg]] = {
     31: Tokens,
     32: RequestError,
     40: Abort,
+    50: SetRoles,
+    51: Handoff,
+    52: Leaving,
 }
 TYPE_CODES: dict[type[Msg], int] = {cls: code for code, cls in MSG_TYPES.items()}

@@ -1,6 +1,6 @@
 """The gateway's client check: a Bearer token on the OpenAI routes, as vLLM's `--api-key` does.
 
-Only `/v1/...` needs the key; `/health` and `/metrics` stay open for orchestrators and scrapers (put
+`/v1/...` and the operator routes `/admin/...` need the key; `/health` and `/metrics` stay open for orchestrators and scrapers (put
 them behind the network's own controls). The comparison takes the same time whatever the guess.
 """
 
@@ -21,7 +21,7 @@ def require_api_key(api_key: str) -> Callable:
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/v1/") or request.path == "/v1":
+        if request.path.startswith(("/v1/", "/admin/")) or request.path == "/v1":
             sent = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(sent, expected):
                 body = error_body(401, "missing or wrong API key: send `Authorization: Bearer <key>`")

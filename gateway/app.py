@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from common.tokenizer import TextTokenizer
 from gateway.accounting import Outcome, accounted
+from gateway.admin_api import add_admin_routes
 from gateway.api_key import require_api_key
 from gateway.backend import Backend, GenerateRequest
 from gateway.config import GatewayConfig
@@ -69,6 +70,7 @@ def create_app(config: GatewayConfig, backend: Backend, tokenizer: TextTokenizer
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    add_admin_routes(app, backend, config.api_key)
     return app
 
 

@@ -25,6 +25,7 @@ from common.protocol import (
     Abort,
     FirstToken,
     Heartbeat,
+    Leaving,
     Register,
     RegisterAck,
     RequestError,
@@ -35,8 +36,13 @@ from gateway import stage_messages
 from gateway.backend import BackendError, GenerateRequest, TokenEvent
 from gateway.flights import Flight, Flights
 from gateway.instance_metrics import InstanceCollector, StageClock, StageTimings
+from gateway.planner import Planner
+from gateway.planner_config import PlannerConfig
+from gateway.planner_loop import PlannerLoop
+from gateway.planner_slo import SloWindow
 from gateway.prefix_affinity import PrefixAffinity
 from gateway.registry import Instance, Registry
+from gateway.role_changes import RoleChanges
 
 log = logging.getLogger("epd.gateway.cluster")
 
@@ -51,8 +57,10 @@ class Cluster:
         heartbeat_timeout: float = 3.0,
         prefill_deadline_s: float = 30.0,
         keys: StackKeys | None = None,
+        planner: PlannerConfig | None = None,
     ) -> None:
-        """`keys`: the stack's CurveZMQ keys; only processes holding them can reach this gateway."""
+        """`keys`: the stack's CurveZMQ keys; only processes holding them can reach this gateway.
+        `planner`: role changes decided from the load (gateway/planner.py); default off."""
         self.model_name = model_name
         self._max_model_len = max_model_len  # from the checkpoint's config or the command line
         self.registry = Registry(model_name, heartbeat_timeout)
@@ -66,7 +74,14 @@ class Cluster:
         self.ctx: zmq.asyncio.Context | None = None
         self.mailbox: Mailbox | None = None
         self.timings = StageTimings()
-        self._collectors: list[Collector] = [InstanceCollector(self.registry), *self.timings.collectors()]
+        self.role_changes = RoleChanges(self.registry, self.flights, lambda a, m: self._mailbox().send(a, m))
+        self.slo = SloWindow()  # fed by the request path (gateway/streaming.py), read by the planner
+        self.planner = Planner(planner or PlannerConfig())
+        self._collectors: list[Collector] = [
+            InstanceCollector(self.registry),
+            *self.timings.collectors(),
+            *self.planner.collectors(),
+        ]
         self._metrics_registry = CollectorRegistry(auto_describe=True)
         for collector in self._collectors:
             self._metrics_registry.register(collector)
@@ -80,6 +95,19 @@ class Cluster:
         self.ctx = zmq.asyncio.Context()
         self.mailbox = Mailbox(self.ctx, "gateway", self._control_address, keys=self.keys)
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
+        if self.planner.config.mode != "off":
+            instances = lambda: list(self.registry.instances.values())  # noqa: E731
+            loop = PlannerLoop(self.planner, instances, self.slo, self.set_roles)
+            self._tasks.append(asyncio.create_task(loop.run()))
+
+    def _mailbox(self) -> Mailbox:
+        assert self.mailbox is not None
+        return self.mailbox
+
+    def set_roles(self, instance_id: str, roles: str, reason: str = "") -> str:
+        """Ask an instance to serve other roles, or none (a drain): gateway/role_changes.py. Raises
+        `RoleChangeError` when the change cannot be asked."""
+        return self.role_changes.set_roles(instance_id, roles, reason)
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -228,21 +256,43 @@ class Cluster:
                 return
             self.flights.release(msg.request_id, flight, keep=flight.decode_id)
             self.timings.first_token(flight.clock)
+            self.role_changes.after_first_token(msg.request_id, flight)
             if msg.finished and flight.holders:
                 self._send_abort(msg.request_id, flight)  # decode reserved blocks it will not need
             event = TokenEvent(
                 [msg.token_id], msg.finished, msg.finish_reason, msg.logprobs, msg.num_cached_tokens
             )
             flight.queue.put_nowait(event)
+            for early in flight.early:  # prefill's and decode's connections: keep the tokens' order
+                flight.queue.put_nowait(early)
+            flight.early.clear()
         elif isinstance(msg, Tokens):
             for u in msg.updates:
                 f = self.flights.get(u.request_id)
                 if f is not None:
+                    self.role_changes.on_tokens(u.request_id, f, msg.sender)
                     self.timings.decode_tokens(f.clock)
-                    f.queue.put_nowait(TokenEvent(list(u.token_ids), u.finished, u.finish_reason, u.logprobs))
+                    event = TokenEvent(list(u.token_ids), u.finished, u.finish_reason, u.logprobs)
+                    if f.clock.first_token_at is None:
+                        f.early.append(event)  # it overtook the first token (another connection)
+                    else:
+                        f.queue.put_nowait(event)
         elif isinstance(msg, RequestError) and flight is not None:
             self._send_abort(msg.request_id, flight)
             flight.queue.put_nowait(BackendError(msg.status, msg.message))
+        elif isinstance(msg, Leaving):
+            self._on_leaving(msg.sender, route)
+
+    def _on_leaving(self, instance_id: str, route: bytes) -> None:
+        inst = self.registry.instances.get(instance_id)
+        if inst is None or (inst.route and route and inst.route != route):
+            return  # not from the connection that registered it
+        self._mailbox().forget(inst.address)
+        for rid in self.role_changes.on_leaving(inst):
+            flight = self.flights.get(rid)
+            if flight is not None:
+                self._send_abort(rid, flight, dead=inst.id)
+                flight.queue.put_nowait(BackendError(503, f"instance {inst.id} left holding this request"))
 
     def _register(self, info, route: bytes) -> None:
         """Admit an instance; refusals are answered over the REGISTER's own connection (no socket is

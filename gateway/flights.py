@@ -23,6 +23,8 @@ class Flight:
     decode_id: str = ""
     prefill_id: str = ""  # kept once prefill leaves `holders`: it may still be shipping the KV
     aborted: bool = False
+    early: list = field(default_factory=list)  # decode's tokens that overtook the first token
+    handed_from: str = ""  # a decode instance handing the request off, until the target's tokens come
     clock: StageClock = field(default_factory=StageClock)
 
 

@@ -38,6 +38,7 @@ class Instance:
     inflight: set[str] = field(default_factory=set)  # request ids this instance holds
     route: bytes = b""  # the connection that registered it (b"": not bound, in-process tests)
     suspect: bool = False  # heartbeats late, not yet dead: no new work (see the module's docstring)
+    pending_roles: str | None = None  # asked to change its roles ("": to leave): no new work at all
 
     @property
     def id(self) -> str:
@@ -140,8 +141,8 @@ class Registry:
 
     def candidates(self, role: str) -> list[Instance]:
         """The instances that may get new work for `role`: those not suspect, or, when every one is
-        suspect, all of them."""
-        every = self.with_role(role)
+        suspect, all of them; never one whose roles are changing (gateway/role_changes.py)."""
+        every = [i for i in self.with_role(role) if i.pending_roles is None]
         return [i for i in every if not i.suspect] or every
 
     @staticmethod
@@ -158,7 +159,7 @@ class Registry:
         """Cache affinity first (an instance that encoded one of these items), then load."""
         for h in hashes:
             owner = self.instances.get(self._encoded_at.get(h, ""))
-            if owner is not None and owner.has("E") and not owner.suspect:
+            if owner is not None and owner.has("E") and not owner.suspect and owner.pending_roles is None:
                 return owner
         return self.least_loaded("E")
 

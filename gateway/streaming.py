@@ -168,6 +168,9 @@ class Generation:
             tpot=tpot,
             e2e=time.monotonic() - self.arrival,
         )
+        slo = getattr(self.backend, "slo", None)  # the planner's window (gateway/planner_slo.py)
+        if first is not None and slo is not None:
+            slo.record(first - self.arrival, tpot, time.monotonic())
 
     async def _release(self) -> None:
         request_id = self.request.request_id

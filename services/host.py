@@ -26,18 +26,23 @@ from common.protocol import (
     Encode,
     FeatureDest,
     FeatureOffer,
+    Handoff,
     InstanceInfo,
     KvDest,
     KvReady,
     KvReserve,
+    Leaving,
     Load,
     Prefill,
     Register,
     RegisterAck,
     RequestError,
+    SetRoles,
 )  # fmt: skip
+from common.role_sets import canonical_roles, roles_problem
 from common.stage_histograms import merged
 from services.host_config import HostConfig
+from services.role_change import PendingChange, rebuild
 from services.service_io import Inbound, ServiceIO, bounded_interval
 from services.wire_checks import Refusals
 
@@ -59,7 +64,9 @@ class Host:
             keys=config.keys,
         )  # fmt: skip
         self.encode = self.prefill = self.decode = None
-        self.engine = None
+        self.engine = self.built = self.model = self.dataplane = None
+        self.generation = 0  # role changes so far (services/role_change.py)
+        self.change: PendingChange | None = None  # a SET_ROLES waiting for this process to be idle
         self.handlers: dict = {}
         self.refusals = Refusals(log)
         self.rejoin_pending_until = 0.0  # monotonic time until which further retries are ignored
@@ -75,12 +82,20 @@ class Host:
         if c.threads:
             torch.set_num_threads(c.threads)
         self.io.start()
-        built = build_roles(c, self.io)
-        self.model, self.dataplane, self.engine = built.model, built.dataplane, built.engine
-        self.encode, self.prefill, self.decode = built.encode, built.prefill, built.decode
+        self.adopt(build_roles(c, self.io))
         self.io.load = self.load
-        self.handlers = self._handlers()
         self._register()
+
+    def adopt(self, built) -> None:
+        """Serve with these workers (at start, and after a role change)."""
+        self.built, self.model, self.dataplane, self.engine = (
+            built,
+            built.model,
+            built.dataplane,
+            built.engine,
+        )
+        self.encode, self.prefill, self.decode = built.encode, built.prefill, built.decode
+        self.handlers = self._handlers()
 
     def info(self) -> InstanceInfo:
         c, e = self.config, self.engine
@@ -136,9 +151,8 @@ class Host:
         return load
 
     def run(self) -> None:
-        workers = self._workers()
-        stepper = self.prefill or self.decode
         while not self.stopping:
+            workers, stepper = self._workers(), self.prefill or self.decode
             busy = any(w.has_work() for w in workers)
             # idle: sleep until a message or a finished transfer wakes us (deadlines are coarse)
             for item in self.io.get(timeout=0 if busy else 0.05):
@@ -149,6 +163,40 @@ class Host:
                 self._guarded(self.encode, self.encode.run_batch)
             if stepper is not None and stepper.has_work():
                 self._guarded(stepper, stepper.step)
+            if self.change is not None and self._idle():
+                self._change_roles()
+
+    # ---- role changes (services/role_change.py) ----------------------------------------------------
+
+    def _on_set_roles(self, msg: SetRoles) -> None:
+        roles = canonical_roles(msg.roles)
+        problem = roles_problem(msg.roles)
+        if msg.sender != "gateway":
+            problem = "a role change that is not the gateway's"
+        if problem:
+            self.refusals.count(msg, problem)
+            return
+        self.change = PendingChange(roles, msg.reason[:200])
+        log.info("role change asked", roles=roles or "(leave)", reason=msg.reason[:200])
+
+    def _idle(self) -> bool:
+        return all(w.idle() if hasattr(w, "idle") else not w.request_ids() for w in self._workers())
+
+    def _change_roles(self) -> None:
+        change, self.change = self.change, None
+        assert change is not None
+        if not change.roles:
+            log.info("drained; leaving", seconds=round(time.monotonic() - change.asked_at, 3))
+            self.io.to_gateway(Leaving(reason=change.reason))
+            time.sleep(0.2)  # the I/O thread sends it before the process goes
+            self.stopping = True
+            return
+        try:
+            rebuild(self, change.roles)
+        except Exception:  # nothing is left to serve with: exit, and let a supervisor start it again
+            log.exception("the role change failed; exiting", roles=change.roles)
+            raise SystemExit(1) from None
+        self.io.to_gateway(Register(info=self.info()))  # the ack comes to _on_ack
 
     def _guarded(self, worker, call) -> None:
         """Run one of a worker's loop duties. The workers fail the requests a bad message or a failed
@@ -165,6 +213,7 @@ class Host:
         h: dict = {
             Abort: lambda m, f, p: self._abort(m.request_id),
             RegisterAck: lambda m, f, p: self._on_ack(m),
+            SetRoles: lambda m, f, p: self._on_set_roles(m),
         }
         if self.encode is not None:
             h[Encode] = lambda m, f, p: self.encode.on_encode(m, f)
@@ -176,6 +225,9 @@ class Host:
         if self.decode is not None:
             h[KvReserve] = lambda m, f, p: self.decode.on_kv_reserve(m, peer=p)
             h[KvReady] = lambda m, f, p: self.decode.on_kv_ready(m)
+            h[Handoff] = lambda m, f, p: self.decode.on_handoff(m)
+            if self.prefill is None:  # the destination of a request this decode instance hands off
+                h[KvDest] = lambda m, f, p: self.decode.on_kv_dest(m)
         return h
 
     def _dispatch(self, item: Inbound) -> None:

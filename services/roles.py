@@ -25,27 +25,41 @@ class Roles:
     encode: Any = None
     prefill: Any = None
     decode: Any = None
+    kv_buffer_id: str = ""  # the data-plane buffer of a decode pool or its staging area ("": none)
 
     def workers(self) -> list:
         return [w for w in (self.encode, self.prefill, self.decode) if w is not None]
 
+    def release(self) -> None:
+        """Let go of the roles' memory (a role change): the data-plane buffer of a decode pool; the
+        engine's pool and the features go with the last references to them."""
+        if self.kv_buffer_id:
+            self.dataplane.free(self.kv_buffer_id)
+        self.engine = self.encode = self.prefill = self.decode = None
 
-def build_roles(c: HostConfig, io: Any) -> Roles:
+
+def build_roles(
+    c: HostConfig, io: Any, model: Any = None, dataplane: Any = None, kv_buffer_id: str = "kv"
+) -> Roles:
+    """The workers of `c.roles`. A role change passes the process's model (when its loaded parts
+    serve the new roles) and data plane, and a fresh `kv_buffer_id`: a peer may still map the old one."""
     import torch
 
     from common.dataplane import create_dataplane, resolve_backend
     from services.models.loader import load_model
 
-    model = load_model(c.model_dir, device=c.device, dtype=c.dtype, roles=c.roles)
+    if model is None:
+        model = load_model(c.model_dir, device=c.device, dtype=c.dtype, roles=c.roles)
     if c.encoder_dtype and "E" in c.roles:
         from services.models.encoder_dtype import set_encoder_dtype
 
         set_encoder_dtype(model.family, c.encoder_dtype)
-    backend = resolve_backend(c.dataplane, same_host=True, device=c.device)
-    where = {"device": c.device} if backend == "torchdist" else {}  # its library follows the device
-    dataplane = create_dataplane(
-        backend, host=c.bind_host, advertise_host=c.advertise_host, keys=c.keys, **where
-    )
+    if dataplane is None:
+        backend = resolve_backend(c.dataplane, same_host=True, device=c.device)
+        where = {"device": c.device} if backend == "torchdist" else {}  # its library follows the device
+        dataplane = create_dataplane(
+            backend, host=c.bind_host, advertise_host=c.advertise_host, keys=c.keys, **where
+        )
     built = Roles(model, dataplane)
     fam, roles = model.family, c.roles
     moves_device = _moves_device_memory(c, dataplane)
@@ -67,11 +81,13 @@ def build_roles(c: HostConfig, io: Any) -> Roles:
             from services.engine.memory import size_kv_pool
 
             nbytes = size_kv_pool(fam, ecfg).nbytes  # the engine takes its size from the buffer
-            kv_buffer = torch.frombuffer(dataplane.allocate("kv", nbytes), dtype=torch.uint8)
+            kv_buffer = torch.frombuffer(dataplane.allocate(kv_buffer_id, nbytes), dtype=torch.uint8)
+            built.kv_buffer_id = kv_buffer_id
         prefill_only = "P" in roles and "D" not in roles
         built.engine = Engine(fam, model.eos_token_ids, ecfg, prefill_only=prefill_only, kv_buffer=kv_buffer)
         if decode_only and not staged and kv_buffer is None:  # a device pool the plane writes itself
-            dataplane.register("kv", built.engine.kv.pool)
+            dataplane.register(kv_buffer_id, built.engine.kv.pool)
+            built.kv_buffer_id = kv_buffer_id
     if "P" in roles:
         from services.prefill.worker import PrefillWorker
 
@@ -88,12 +104,13 @@ def build_roles(c: HostConfig, io: Any) -> Roles:
 
         kv = built.engine.kv
         if staged:
-            landing = StagedLanding(kv, dataplane, _staging_blocks(built.engine))
+            landing = StagedLanding(kv, dataplane, _staging_blocks(built.engine), buffer_id=kv_buffer_id)
+            built.kv_buffer_id = kv_buffer_id
             log.info("KV lands in a host staging area", staging_blocks=landing.num_blocks,
                      pool_blocks=kv.num_blocks, device=str(kv.device))  # fmt: skip
         else:
             landing = InPlaceLanding(kv)
-        built.decode = DecodeWorker(built.engine, io, dataplane, landing=landing)
+        built.decode = DecodeWorker(built.engine, io, dataplane, landing=landing, buffer_id=kv_buffer_id)
     if "E" in roles:
         from services.encode.worker import EncodeWorker
 

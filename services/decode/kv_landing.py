@@ -44,11 +44,11 @@ class StagedLanding:
 
     staged = True
 
-    def __init__(self, kv: KVCache, dataplane: Any, num_blocks: int) -> None:
+    def __init__(self, kv: KVCache, dataplane: Any, num_blocks: int, buffer_id: str = "kv") -> None:
         layout = kv.layout
         shape = (layout.num_layers, 2, num_blocks, kv.block_size, layout.num_kv_heads, layout.head_dim)
         nbytes = kv.block_bytes * layout.num_layers * 2 * num_blocks
-        raw = torch.frombuffer(dataplane.allocate("kv", nbytes), dtype=torch.uint8)
+        raw = torch.frombuffer(dataplane.allocate(buffer_id, nbytes), dtype=torch.uint8)
         self.area = raw.view(layout.dtype).view(shape)
         self.kv = kv
         self.num_blocks = num_blocks

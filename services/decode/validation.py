@@ -33,6 +33,8 @@ def kv_ready_problem(msg: KvReady, reserved: KvReserve, vocab: int, max_model_le
         )
     if problem := token_problem("token_ids", msg.token_ids, vocab):
         return problem
+    if not 0 <= msg.prompt_len <= n:
+        return f"prompt_len {msg.prompt_len} is not between 0 and the {n} tokens whose KV came"
     if abs(msg.rope_delta) >= max_model_len:
         return f"rope_delta {msg.rope_delta} is not within the context of {max_model_len} tokens"
     return None

@@ -6,6 +6,8 @@ Life of a request here (queues, in order):
              KV where the landing says (kv_landing.py): straight into those pool blocks, or into a host
              staging area copied into them on arrival (a device pool)
   engine     KV_READY came and every byte is in: the request joins the running batch
+  handoff    HANDOFF from the gateway (a drain, a role change): out of the batch between steps, its KV
+             sent to another decode instance, which goes on from its last token (handoff.py)
 Every decode step sends the new tokens of all requests in one TOKENS message. Abort, a failed
 transfer or a deadline frees the blocks wherever the request is, fence first: while bytes of an
 aborted transfer may still land (the data plane's `abort_fence_s`: a producer finishing the chunk it
@@ -34,8 +36,9 @@ from typing import Any
 
 from common.dataplane.base import Region, TransferState
 from common.log import get_logger
-from common.protocol import KvDest, KvReady, KvReserve, RequestError, Tokens, TokenUpdate
+from common.protocol import Handoff, KvDest, KvReady, KvReserve, RequestError, Tokens, TokenUpdate
 from common.stage_histograms import PhaseHistograms
+from services.decode.handoff import DecodeHandoffs
 from services.decode.kv_landing import InPlaceLanding
 from services.decode.reservations import ReservationLedger, ReservationLimits
 from services.decode.validation import kv_ready_problem, kv_reserve_problem
@@ -68,7 +71,9 @@ class DecodeWorker:
         landing: Any = None,
         timeout_s: float = 30.0,
         limits: ReservationLimits | None = None,
+        buffer_id: str = "kv",
     ) -> None:
+        """`buffer_id`: the data-plane buffer KV lands in (the pool, or its staging area)."""
         self.engine = engine
         self.io = io
         self.dataplane = dataplane
@@ -84,10 +89,17 @@ class DecodeWorker:
         self.fencing: dict[str, float] = {}  # aborted mid-transfer: freed when the fence time passes
         self.phases = PhaseHistograms()  # kv_transfer, decode_queue, decode_step (stage_histograms)
         self.unscheduled = ScheduleWatch(engine.scheduler, self.phases, "decode_queue")
+        self.buffer_id = buffer_id
+        self.handoffs = DecodeHandoffs(engine, io, dataplane, self.refusals, timeout_s)
 
     def request_ids(self) -> set[str]:
         """Every request this worker holds (fenced ones are gone already, only their blocks wait)."""
-        return {*self.backlog, *self.receiving, *self.engine.scheduler.requests} - self.fencing.keys()
+        held = {*self.backlog, *self.receiving, *self.engine.scheduler.requests, *self.handoffs.request_ids()}
+        return held - self.fencing.keys()
+
+    def idle(self) -> bool:
+        """No request held and no aborted transfer that may still land: the pool can go."""
+        return not self.request_ids() and not self.fencing
 
     # ---- messages ----------------------------------------------------------------------------------
 
@@ -124,7 +136,16 @@ class DecodeWorker:
         r.ready = msg
         self._admit(rid, r)
 
+    def on_handoff(self, msg: Handoff) -> None:
+        """Move a request to another decode instance (services/decode/handoff.py)."""
+        self.handoffs.on_handoff(msg)
+
+    def on_kv_dest(self, msg: KvDest) -> None:
+        """The target's blocks for a request this instance hands off."""
+        self.handoffs.on_kv_dest(msg)
+
     def on_abort(self, request_id: str) -> None:
+        self.handoffs.drop(request_id)
         if request_id in self.fencing:  # aborted already: its blocks wait for the fence, not for this
             return
         self.claims.remove(request_id)
@@ -161,6 +182,8 @@ class DecodeWorker:
         for rid, (_, deadline) in list(self.backlog.items()):
             if now > deadline:
                 self._fail(rid, "no KV blocks became free in time", 503)
+        for rid, error in self.handoffs.poll(self.request_ids()):
+            self._fail(rid, error)
 
     def has_work(self) -> bool:
         return self.engine.has_unfinished()
@@ -218,7 +241,7 @@ class DecodeWorker:
             transfer_id = uuid.uuid4().hex
             area, bb = self.landing.num_blocks, self.block_bytes
             regions = [
-                Region("kv", block_offset(layer, kind, b, area, bb), bb)
+                Region(self.buffer_id, block_offset(layer, kind, b, area, bb), bb)
                 for layer in range(self.engine.layout.num_layers)
                 for kind in (0, 1)
                 for b in landing
@@ -228,7 +251,7 @@ class DecodeWorker:
             self.receiving[rid] = _Receiving(msg, handle, deadline, blocks)
             dest = KvDest(
                 request_id=rid, block_ids=landing, transfer_id=transfer_id, pool_blocks=area,
-                block_bytes=bb, dataplane=self.dataplane.descriptor(),
+                block_bytes=bb, dataplane=self.dataplane.descriptor(), buffer_id=self.buffer_id,
             )  # fmt: skip
             self.io.send(msg.prefill_address, dest)
 
@@ -237,7 +260,7 @@ class DecodeWorker:
             del self.receiving[rid]
             self.claims.remove(rid)
             self.landing.land(rid, r.pool_blocks)
-            self.engine.admit_reserved(rid, r.ready.token_ids, r.ready.rope_delta)
+            self.engine.admit_reserved(rid, r.ready.token_ids, r.ready.rope_delta, r.ready.prompt_len)
             self.unscheduled.queued(rid)
             if (first := r.handle.first_byte_at) is not None:  # the data plane's clock: monotonic
                 self.phases.observe("kv_transfer", time.monotonic() - first)

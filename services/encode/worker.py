@@ -107,6 +107,10 @@ class EncodeWorker:
     def request_ids(self) -> set[str]:
         return {item.request_id for item in self.queue}
 
+    def idle(self) -> bool:
+        """Nothing queued, offered or being written: the worker can go (a role change)."""
+        return not self.queue and not self._offers and not self._writes
+
     # ---- messages ----------------------------------------------------------------------------------
 
     def on_encode(self, msg: Encode, frames: list[Any]) -> None:

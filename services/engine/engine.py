@@ -123,9 +123,17 @@ class Engine:
         seq = Sequence(request_id, [0] * num_prompt_tokens, params)  # the prompt arrives as KV only
         return list(seq.block_table) if self.scheduler.reserve(seq) else None
 
-    def admit_reserved(self, request_id: str, token_ids: list[int], rope_delta: int = 0) -> Sequence:
-        """The reserved blocks now hold the prompt's KV: decode on from `token_ids` (prompt + first)."""
-        return self.scheduler.arrive(request_id, token_ids, ModelInputs(rope_delta=rope_delta))
+    def admit_reserved(
+        self, request_id: str, token_ids: list[int], rope_delta: int = 0, prompt_len: int = 0
+    ) -> Sequence:
+        """The reserved blocks now hold the prompt's KV: decode on from `token_ids` (prompt + first;
+        or, handed over by another decode engine, every token so far: see `Scheduler.arrive`)."""
+        inputs = ModelInputs(rope_delta=rope_delta)
+        return self.scheduler.arrive(request_id, token_ids, inputs, prompt_len=prompt_len)
+
+    def detach(self, request_id: str) -> Sequence | None:
+        """Stop decoding a request, its KV kept for a hand-off (`release_prefilled` frees it)."""
+        return self.scheduler.detach(request_id)
 
     def release_prefilled(self, request_id: str) -> None:
         """Free a prefilled sequence whose KV has left by other means (a data plane)."""

@@ -93,9 +93,13 @@ class Scheduler:
         self.reserved[seq.request_id] = seq
         return True
 
-    def arrive(self, request_id: str, token_ids: list[int], model_inputs: Any = None) -> Sequence:
+    def arrive(
+        self, request_id: str, token_ids: list[int], model_inputs: Any = None, prompt_len: int = 0
+    ) -> Sequence:
         """The reserved blocks of `request_id` now hold its prompt's KV: queue it to decode on from
-        `token_ids` (the prompt and what the prefill sampled after it, usually the first token)."""
+        `token_ids` (the prompt and what the prefill sampled after it, usually the first token).
+        `prompt_len`: a sequence handed over by another decode engine, whose reserved "prompt" is
+        every token but the last; its own prompt length keeps its output count (0: the reserved)."""
         seq = self.reserved.get(request_id)
         if seq is None:
             raise ValueError(f"request {request_id} has no reservation")
@@ -109,7 +113,24 @@ class Scheduler:
         seq.token_ids = list(token_ids)
         seq.model_inputs = model_inputs
         seq.num_computed_tokens = n
+        seq.num_prompt_tokens = prompt_len if 0 < prompt_len <= n else n
         self.arrived.append(seq)
+        return seq
+
+    def detach(self, request_id: str) -> Sequence | None:
+        """Take a decoding sequence (running, or arrived and not yet run) out of the batch between
+        steps, its blocks kept, for its KV to move to another engine (PREFILLED: `release` frees it);
+        None when it is not in one of those states (swapped out, its KV still arriving, ended)."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.num_computed_tokens != seq.num_tokens - 1:
+            return None
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.REMOTE and seq in self.arrived:
+            self.arrived.remove(seq)
+        else:
+            return None
+        seq.status = SequenceStatus.PREFILLED
         return seq
 
     def has_unfinished(self) -> bool:

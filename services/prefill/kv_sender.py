@@ -43,6 +43,7 @@ class Handoff:
     handles: list[Any] = field(default_factory=list)
     ready: KvReady | None = None  # set once the first token is sampled
     staged: list[Any] = field(default_factory=list)  # host copies of device blocks, alive until sent
+    kv_tokens: int = 0  # tokens whose KV moves; 0: the prompt's (a decode hand-off moves more)
 
 
 class KVSender:
@@ -137,12 +138,12 @@ class KVSender:
         assert h.dest is not None and h.seq is not None
         dest = h.dest
         pool = self.engine.kv.pool  # [layers, 2, blocks, block_size, kv_heads, head_dim]
-        n_blocks = self.engine.block_manager.blocks_for(h.seq.num_prompt_tokens)
+        n_blocks = self.engine.block_manager.blocks_for(h.kv_tokens or h.seq.num_prompt_tokens)
         items = []
         for kind in (0, 1):
             for src, dst, count in _runs(h.seq.block_table[:n_blocks], dest.block_ids):
                 offset = block_offset(layer, kind, dst, dest.pool_blocks, dest.block_bytes)
-                region = Region("kv", offset, count * dest.block_bytes)
+                region = Region(dest.buffer_id, offset, count * dest.block_bytes)
                 items.append((self._source(h, pool[layer, kind, src : src + count]), region))
         handle = self.dataplane.write(dest.dataplane, dest.transfer_id, items)
         handle.on_done(self.io.wake)

@@ -161,7 +161,7 @@ def feature_offer_problem(msg: FeatureOffer, lim: PrefillLimits, incoming_bytes:
 
 def kv_dest_problem(msg: KvDest, lim: PrefillLimits, num_prompt_tokens: int | None = None) -> str | None:
     """The fields alone; with `num_prompt_tokens` (the request is known) the block count too."""
-    if problem := id_problem("transfer_id", msg.transfer_id):
+    if problem := id_problem("transfer_id", msg.transfer_id) or id_problem("buffer_id", msg.buffer_id):
         return problem
     if msg.block_bytes != lim.block_bytes:
         return (
