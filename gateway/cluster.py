@@ -27,7 +27,6 @@ from common.protocol import (
     Heartbeat,
     Leaving,
     Register,
-    RegisterAck,
     RequestError,
     Tokens,
 )  # fmt: skip
@@ -36,12 +35,13 @@ from gateway import stage_messages
 from gateway.backend import BackendError, GenerateRequest, TokenEvent
 from gateway.flights import Flight, Flights
 from gateway.instance_metrics import InstanceCollector, StageClock, StageTimings
+from gateway.membership import Membership
 from gateway.planner import Planner
 from gateway.planner_config import PlannerConfig
 from gateway.planner_loop import PlannerLoop
 from gateway.planner_slo import SloWindow
 from gateway.prefix_affinity import PrefixAffinity
-from gateway.registry import Instance, Registry
+from gateway.registry import Registry
 from gateway.role_changes import RoleChanges
 
 log = logging.getLogger("epd.gateway.cluster")
@@ -75,6 +75,14 @@ class Cluster:
         self.mailbox: Mailbox | None = None
         self.timings = StageTimings()
         self.role_changes = RoleChanges(self.registry, self.flights, lambda a, m: self._mailbox().send(a, m))
+        self.membership = Membership(
+            self.registry,
+            self.flights,
+            self.role_changes,
+            self._mailbox,
+            self._send_abort,
+            heartbeat_interval,
+        )
         self.slo = SloWindow()  # fed by the request path (gateway/streaming.py), read by the planner
         self.planner = Planner(planner or PlannerConfig())
         self._collectors: list[Collector] = [
@@ -94,7 +102,7 @@ class Cluster:
     async def start(self) -> None:
         self.ctx = zmq.asyncio.Context()
         self.mailbox = Mailbox(self.ctx, "gateway", self._control_address, keys=self.keys)
-        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self.membership.watch())]
         if self.planner.config.mode != "off":
             instances = lambda: list(self.registry.instances.values())  # noqa: E731
             loop = PlannerLoop(self.planner, instances, self.slo, self.set_roles)
@@ -241,14 +249,10 @@ class Cluster:
     def _handle(self, msg, route: bytes = b"") -> None:
         assert self.mailbox is not None
         if isinstance(msg, Heartbeat):
-            if not self.registry.heartbeat(msg.sender, msg.load, route):
-                # unknown (the gateway restarted, or dropped it after missed heartbeats): rejoin. The
-                # answer goes back over the heartbeat's own connection: no socket for an unknown id
-                again = RegisterAck(accepted=False, retry=True, reason="unknown instance, register again")
-                self.mailbox.reply(route, again)
+            self.membership.heartbeat(msg, route)
             return
         if isinstance(msg, Register):
-            self._register(msg.info, route)
+            self.membership.register(msg.info, route)
             return
         flight = self.flights.get(getattr(msg, "request_id", ""))
         if isinstance(msg, FirstToken):
@@ -281,67 +285,4 @@ class Cluster:
             self._send_abort(msg.request_id, flight)
             flight.queue.put_nowait(BackendError(msg.status, msg.message))
         elif isinstance(msg, Leaving):
-            self._on_leaving(msg.sender, route)
-
-    def _on_leaving(self, instance_id: str, route: bytes) -> None:
-        inst = self.registry.instances.get(instance_id)
-        if inst is None or (inst.route and route and inst.route != route):
-            return  # not from the connection that registered it
-        self._mailbox().forget(inst.address)
-        for rid in self.role_changes.on_leaving(inst):
-            flight = self.flights.get(rid)
-            if flight is not None:
-                self._send_abort(rid, flight, dead=inst.id)
-                flight.queue.put_nowait(BackendError(503, f"instance {inst.id} left holding this request"))
-
-    def _register(self, info, route: bytes) -> None:
-        """Admit an instance; refusals are answered over the REGISTER's own connection (no socket is
-        opened for a process that is not admitted), the ack of an admitted one at its inbox."""
-        assert self.mailbox is not None
-        if self.registry.held_elsewhere(info.instance_id, route):
-            busy = f"instance id {info.instance_id!r} is held by a live instance; retry once it stops"
-            self.mailbox.reply(route, RegisterAck(accepted=False, retry=True, reason=busy))
-            log.warning("refused a REGISTER for live instance %s from another connection", info.instance_id)
-            return
-        reason, replaced = self.registry.admit(info, route)
-        if replaced is not None:
-            self._fail_instance(replaced, "was restarted")
-        ack = RegisterAck(
-            accepted=reason is None, reason=reason or "", heartbeat_interval=self.heartbeat_interval
-        )
-        if reason is None:
-            self.mailbox.send(info.address, ack)
-        else:
-            self.mailbox.reply(route, ack)
-        log.info("instance %s (%s) %s", info.instance_id, info.roles, reason or "registered")
-
-    async def _watch(self) -> None:
-        """Mark instances whose heartbeats are late suspect, drop those whose heartbeats stopped, and fail
-        what they held."""
-        while True:
-            await asyncio.sleep(self.heartbeat_interval / 2)
-            for inst in self.registry.newly_suspect():
-                log.warning("instance %s (%s) is late with its heartbeats; no new work for it", inst.id,
-                            inst.info.roles)  # fmt: skip
-            for inst in self.registry.expired():
-                log.warning("instance %s (%s) stopped heartbeating; dropped", inst.id, inst.info.roles)
-                assert self.mailbox is not None
-                self.mailbox.forget(inst.address)
-                self._fail_instance(inst, "died")
-
-    def _fail_instance(self, inst: Instance, what: str) -> None:
-        """End every request `inst` held with an error, and free them on the other stages."""
-        for rid in list(inst.inflight):
-            flight = self.flights.get(rid)
-            if flight is None:
-                continue
-            stage = flight.holders.pop(inst.id, "?")
-            self._send_abort(rid, flight, dead=inst.id)  # e.g. the prefill still computing for a dead decode
-            message = f"the {_stage_name(stage)} instance {inst.id} serving this request {what}"
-            flight.queue.put_nowait(BackendError(503, message))
-        inst.inflight.clear()
-
-
-def _stage_name(stage: str) -> str:
-    names = {"E": "encode", "P": "prefill", "D": "decode"}
-    return "/".join(names.get(s, s) for s in stage) or "stage"
+            self.membership.leaving(msg.sender, route)

@@ -50,7 +50,7 @@ def rebuild(host: Any, roles: str) -> None:
     host.generation += 1
     host.config = dataclasses.replace(host.config, roles=roles)
     built = build_roles(
-        host.config, host.io, model=model, dataplane=host.dataplane, kv_buffer_id=f"kv-{host.generation}"
+        host.config, host.io, model=model, dataplane=host.dataplane, generation=host.generation
     )
     host.adopt(built)
     log.info(

@@ -31,18 +31,24 @@ class Roles:
         return [w for w in (self.encode, self.prefill, self.decode) if w is not None]
 
     def release(self) -> None:
-        """Let go of the roles' memory (a role change): the data-plane buffer of a decode pool; the
-        engine's pool and the features go with the last references to them."""
+        """Let go of the roles' memory (a role change): the data-plane buffers of a decode pool and of
+        the prefill's feature arena; the engine's pool and the cached features go with the last
+        references to them."""
         if self.kv_buffer_id:
             self.dataplane.free(self.kv_buffer_id)
+        if self.prefill is not None:
+            self.prefill.features.close()
         self.engine = self.encode = self.prefill = self.decode = None
 
 
 def build_roles(
-    c: HostConfig, io: Any, model: Any = None, dataplane: Any = None, kv_buffer_id: str = "kv"
+    c: HostConfig, io: Any, model: Any = None, dataplane: Any = None, generation: int = 0
 ) -> Roles:
     """The workers of `c.roles`. A role change passes the process's model (when its loaded parts
-    serve the new roles) and data plane, and a fresh `kv_buffer_id`: a peer may still map the old one."""
+    serve the new roles) and data plane, and its count of role changes: each names its data-plane
+    buffers afresh, because a peer may still map the old ones."""
+    kv_buffer_id = f"kv-{generation}" if generation else "kv"
+    feature_buffer_id = f"features-{generation}" if generation else "features"
     import torch
 
     from common.dataplane import create_dataplane, resolve_backend
@@ -96,8 +102,9 @@ def build_roles(
         # once the first token is sampled: on CPU a copy during the step takes a core from the prompt,
         # and host copies of a device pool mid-step would stall the device queue.
         built.prefill = PrefillWorker(
-            fam, built.engine, io, dataplane, decodes="D" in roles, stream_kv_layers=moves_device
-        )
+            fam, built.engine, io, dataplane, decodes="D" in roles, stream_kv_layers=moves_device,
+            feature_buffer_id=feature_buffer_id,
+        )  # fmt: skip
     elif "D" in roles:
         from services.decode.kv_landing import InPlaceLanding, StagedLanding
         from services.decode.worker import DecodeWorker

@@ -109,23 +109,23 @@ def _check_placement(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _sender(session: aiohttp.ClientSession, server: Server, timeout: float, bodies: dict[int, bytes]):
+def sender(session: aiohttp.ClientSession, server: Server, timeout: float, bodies: dict[int, bytes]):
     async def send(request: BenchRequest) -> RequestRecord:
         return await send_request(session, server.chat_url, bodies[request.index], request, timeout)
 
     return send
 
 
-def _bodies(requests: list[BenchRequest], model: str) -> dict[int, bytes]:
+def encode_bodies(requests: list[BenchRequest], model: str) -> dict[int, bytes]:
     return {r.index: json.dumps(r.payload(model)).encode() for r in requests}
 
 
-async def _warm_up(
+async def warm_up(
     session: aiohttp.ClientSession, server: Server, warm: list[BenchRequest], timeout: float
 ) -> None:
     if not warm:
         return
-    send = _sender(session, server, timeout, _bodies(warm, server.model))
+    send = sender(session, server, timeout, encode_bodies(warm, server.model))
     records = await asyncio.gather(*(send(r) for r in warm))
     failed = [r.error for r in records if not r.success]
     if failed:
@@ -144,7 +144,7 @@ async def _one_run(
     """Load point `k` against one server: its JSON entry (summary, then per-request values)."""
     from tqdm import tqdm
 
-    send = _sender(session, server, args.request_timeout, _bodies(requests, server.model))
+    send = sender(session, server, args.request_timeout, encode_bodies(requests, server.model))
     with tqdm(
         total=len(requests), desc=f"{server.name} @ {point.label}", unit="req", disable=args.no_progress,
         file=sys.stderr, dynamic_ncols=True,
@@ -206,7 +206,7 @@ async def bench(args: argparse.Namespace, model_dir: str | None) -> dict[str, An
                     server.model = (args.model if args.base_url else None) or await served_model(
                         session, server.base_url
                     )
-                    await _warm_up(session, server, warm, args.request_timeout)
+                    await warm_up(session, server, warm, args.request_timeout)
                     for k, point in enumerate(points):
                         if k not in workloads:
                             workloads[k] = build_dataset(config, args.num_requests, args.seed, stream=k)

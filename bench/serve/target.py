@@ -25,6 +25,8 @@ from urllib.parse import urlparse
 
 import aiohttp
 
+from gateway.planner_config import PlannerConfig
+
 
 @dataclass(slots=True)
 class Server:
@@ -74,6 +76,7 @@ class StackOptions:
     encoder_dtype: str = "auto"
     encoder_batch_tokens: int = 8192
     ready_timeout: float = 180.0
+    planner: PlannerConfig = field(default_factory=PlannerConfig)  # the gateway's role planner; off
 
 
 def is_loopback(url: str) -> bool:
@@ -146,7 +149,7 @@ async def topology_server(topology: str, options: StackOptions) -> AsyncIterator
         max_num_seqs=options.max_num_seqs, swap_space=options.swap_space,
         enable_prefix_caching=options.enable_prefix_caching, encoder_dtype=options.encoder_dtype,
         encoder_batch_tokens=options.encoder_batch_tokens, threads=options.threads or max(1, (os.cpu_count() or 1) // n),
-        cpus=_cpus_for(options, n), ready_timeout=options.ready_timeout, restart=False,
+        cpus=_cpus_for(options, n), ready_timeout=options.ready_timeout, restart=False, planner=options.planner,
     )  # fmt: skip
     stack = Stack(config)
     try:

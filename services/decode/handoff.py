@@ -21,12 +21,11 @@ hand-off that fails (the target refuses or dies, the transfer fails) fails its r
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 from typing import Any
 
 from common.protocol import Handoff, KvDest, KvReady, KvReserve
 from services.prefill.kv_sender import KVSender
-from services.prefill.validation import kv_dest_problem
+from services.prefill.validation import KvGeometry, kv_dest_problem
 from services.wire_checks import Refusals, ids_problem
 
 
@@ -41,11 +40,7 @@ class DecodeHandoffs:
         self.waiting: dict[str, tuple[Handoff, float]] = {}  # asked for, not yet out of the batch
         self.moving: dict[str, tuple[str, int]] = {}  # out of the batch: (target id, tokens whose KV moves)
         self.moved = 0  # hand-offs completed since start
-        kv = engine.kv
-        backend = dataplane.descriptor().get("backend", "")
-        self._dest_limits = SimpleNamespace(
-            block_bytes=kv.block_bytes, block_size=kv.block_size, dataplane_backend=backend
-        )
+        self._dest_geometry = KvGeometry.of(engine, dataplane)
 
     def request_ids(self) -> set[str]:
         return {*self.waiting, *self.moving}
@@ -65,7 +60,7 @@ class DecodeHandoffs:
         if target is None or msg.sender != target[0]:
             self.refusals.count(msg, "no hand-off here awaits this KV_DEST from its sender")
             return
-        if problem := kv_dest_problem(msg, self._dest_limits, target[1]):  # type: ignore[arg-type]
+        if problem := kv_dest_problem(msg, self._dest_geometry, target[1]):
             self.refusals.count(msg, problem)
             return  # the hand-off times out and fails its request
         self.sender.on_kv_dest(msg)

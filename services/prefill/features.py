@@ -30,7 +30,7 @@ from services.prefill.arena import Arena
 from services.tensor_bytes import tensor_from_bytes
 
 log = logging.getLogger("epd.prefill")
-_ARENA = "features"
+ARENA_ID = "features"  # the arena's data-plane buffer; a role change registers a fresh id
 
 
 @dataclass(slots=True)
@@ -52,8 +52,10 @@ class FeatureStore:
         transfer_timeout_s: float = 30.0,
         arena_bytes: int = 64 * 2**20,
         device: torch.device | str = "cpu",
+        arena_id: str = ARENA_ID,
     ) -> None:
         self.io = io
+        self.arena_id = arena_id
         self.dataplane = dataplane
         self.cache: ByteLRU[torch.Tensor] = ByteLRU(cache_bytes)
         self.transfer_timeout_s = transfer_timeout_s
@@ -63,7 +65,7 @@ class FeatureStore:
         self.arena = Arena(arena_bytes)
         device = torch.device(device)
         self.device = device if device.type != "cpu" and device.type in dataplane.devices else None
-        self._arena_memory = self._buffer(_ARENA, arena_bytes)
+        self._arena_memory = self._buffer(arena_id, arena_bytes)
 
     @property
     def incoming_bytes(self) -> int:
@@ -87,7 +89,7 @@ class FeatureStore:
         transfer_id = uuid.uuid4().hex
         offset = self.arena.alloc(offer.nbytes)
         if offset is not None:
-            buffer_id, start = _ARENA, offset
+            buffer_id, start = self.arena_id, offset
             memory = self._arena_memory[offset : offset + offer.nbytes]
         else:  # larger than what the arena has free: a buffer of its own
             buffer_id, start = f"feat-{transfer_id[:16]}", 0
@@ -99,6 +101,17 @@ class FeatureStore:
         self._incoming_hashes.add(offer.hash)
         reply = FeatureDest(hash=offer.hash, buffer_id=buffer_id, transfer_id=transfer_id, offset=start)
         self.io.send(offer.encoder_address, reply)
+
+    def close(self) -> None:
+        """Give the data plane its buffers back (the role is left): transfers still expected are
+        aborted, the buffers of their own and the arena freed."""
+        for inc in self._incoming.values():
+            inc.handle.abort()
+            if inc.offset is None:
+                self.dataplane.free(inc.buffer_id)
+        self._incoming.clear()
+        self._incoming_hashes.clear()
+        self.dataplane.free(self.arena_id)
 
     def poll(self) -> bool:
         """Move finished transfers into the cache; True when any arrived."""

@@ -23,6 +23,21 @@ FEATURE_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}  # na
 
 
 @dataclass(frozen=True, slots=True)
+class KvGeometry:
+    """What a KV_DEST must match to be written from this instance's pool: one block's tokens and
+    bytes, and the data plane the blocks travel on."""
+
+    block_size: int
+    block_bytes: int
+    dataplane_backend: str
+
+    @classmethod
+    def of(cls, engine: Any, dataplane: Any) -> KvGeometry:
+        kv = engine.kv
+        return cls(kv.block_size, kv.block_bytes, dataplane.descriptor().get("backend", ""))
+
+
+@dataclass(frozen=True, slots=True)
 class PrefillLimits:
     vocab_size: int
     max_model_len: int
@@ -51,6 +66,10 @@ class PrefillLimits:
             audio_token_id=getattr(family, "audio_token_id", None),
             video_runs_per_patch=bool(getattr(family, "video_runs_per_patch", False)),
         )  # fmt: skip
+
+    @property
+    def kv(self) -> KvGeometry:
+        return KvGeometry(self.block_size, self.block_bytes, self.dataplane_backend)
 
 
 def prefill_problem(msg: Prefill, lim: PrefillLimits, *, decodes: bool) -> str | None:
@@ -159,7 +178,7 @@ def feature_offer_problem(msg: FeatureOffer, lim: PrefillLimits, incoming_bytes:
     return None
 
 
-def kv_dest_problem(msg: KvDest, lim: PrefillLimits, num_prompt_tokens: int | None = None) -> str | None:
+def kv_dest_problem(msg: KvDest, lim: KvGeometry, num_prompt_tokens: int | None = None) -> str | None:
     """The fields alone; with `num_prompt_tokens` (the request is known) the block count too."""
     if problem := id_problem("transfer_id", msg.transfer_id) or id_problem("buffer_id", msg.buffer_id):
         return problem

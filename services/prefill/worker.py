@@ -25,7 +25,7 @@ from common.stage_histograms import PhaseHistograms
 from services.engine.engine import StepError
 from services.engine.sequence import FinishReason
 from services.phase_watch import ScheduleWatch
-from services.prefill.features import FeatureStore
+from services.prefill.features import ARENA_ID, FeatureStore
 from services.prefill.kv_sender import KVSender
 from services.prefill.validation import (
     PrefillLimits,
@@ -76,12 +76,15 @@ class PrefillWorker:
         decodes: bool,
         cache_bytes: int = 1 << 30,
         stream_kv_layers: bool = True,
+        feature_buffer_id: str = ARENA_ID,
     ) -> None:
         self.family = family
         self.engine = engine
         self.io = io
         self.decodes = decodes  # this process hosts Decode too: requests never leave the engine
-        self.features = FeatureStore(io, dataplane, cache_bytes, device=engine.kv.device)
+        self.features = FeatureStore(
+            io, dataplane, cache_bytes, device=engine.kv.device, arena_id=feature_buffer_id
+        )
         self.kv_sender = None if decodes else KVSender(engine, io, dataplane, stream_kv_layers)
         self.limits = PrefillLimits.of(family, engine, dataplane, cache_bytes)
         self.refusals = Refusals(log)
@@ -142,7 +145,7 @@ class PrefillWorker:
             return
         route = self.routes.get(rid)
         if route is None:  # usually its PREFILL is on the way (decode reserves at once); checked then
-            if problem := kv_dest_problem(msg, self.limits):
+            if problem := kv_dest_problem(msg, self.limits.kv):
                 self.refusals.count(msg, problem)
                 return
             self._early[rid] = msg
@@ -152,7 +155,7 @@ class PrefillWorker:
         if route.has_dest or msg.sender != route.decode_id:  # nobody else may redirect the KV
             self.refusals.count(msg, f"not the one destination from decode instance {route.decode_id!r}")
             return
-        if problem := kv_dest_problem(msg, self.limits, route.num_prompt_tokens):
+        if problem := kv_dest_problem(msg, self.limits.kv, route.num_prompt_tokens):
             self.refusals.count(msg, problem)
             self._fail(rid, problem, 400)
             return

@@ -28,6 +28,7 @@ import pytest
 
 from tests.conformance.conftest import HEARTBEAT_TIMEOUT_S, MAX_TOKENS, STAGE_ID, ConformanceStack
 from tests.e2e.conftest import image_message
+from tests.e2e.stack import wait_until
 
 LONG = 3000  # tokens of a stream that is cut long before it could end
 REGISTER_AGAIN_S = 20.0  # a stage rejoins a restarted gateway within this (ours: about 1-3 s)
@@ -50,15 +51,6 @@ def ask(stack: ConformanceStack, image, **kw):
 def context(stack: ConformanceStack) -> int:
     """The context the gateway enforces: the smallest `max_model_len` its P and D instances report."""
     return client(stack).models.list().data[0].model_extra["max_model_len"]
-
-
-def wait_until(condition, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return False
 
 
 def test_stage_registers_with_the_gateway(stack):

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.stage_histograms import PHASES
 from tests.e2e.conftest import image_message
-from tests.e2e.stack import running_stack
+from tests.e2e.stack import running_stack, wait_until
 from tests.reference import make_image
 
 LONG = 3800  # tokens: a stream that runs for seconds on the tiny model
@@ -40,15 +40,6 @@ def decode_blocks(stack) -> tuple[dict, dict]:
     free = {k: v for k, v in stack.gauge("epd_kv_free_blocks").items() if k.startswith("d")}
     total = {k: v for k, v in stack.gauge("epd_kv_total_blocks").items() if k.startswith("d")}
     return free, total
-
-
-def wait_until(condition, timeout: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return False
 
 
 STAGE_PHASES = {

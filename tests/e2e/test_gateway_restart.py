@@ -20,19 +20,10 @@ from pathlib import Path
 import openai
 
 from tests.e2e.conftest import image_message
-from tests.e2e.stack import free_port, stage_pids
+from tests.e2e.stack import free_port, stage_pids, wait_until
 
 LONG = 3800  # tokens: a stream that runs for seconds on the tiny model
 MAX_TOKENS = 16
-
-
-def wait_until(condition, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return False
 
 
 def health_status(root: str) -> int | None:
