@@ -67,7 +67,8 @@ class DecodeHandoffs:
 
     def poll(self, held: set[str]) -> list[tuple[str, str]]:
         """Start the hand-offs whose request is between steps now; finish the written ones. `held`:
-        the requests the decode worker holds (a waiting hand-off of any other one is forgotten).
+        the requests the decode worker holds apart from its hand-offs (a waiting hand-off of any
+        other one is forgotten: it finished or failed here before it could move).
         Returns (request id, error) of the hand-offs that failed (their blocks are freed)."""
         now = time.monotonic()
         for rid, (msg, deadline) in list(self.waiting.items()):

@@ -94,8 +94,11 @@ class DecodeWorker:
 
     def request_ids(self) -> set[str]:
         """Every request this worker holds (fenced ones are gone already, only their blocks wait)."""
-        held = {*self.backlog, *self.receiving, *self.engine.scheduler.requests, *self.handoffs.request_ids()}
-        return held - self.fencing.keys()
+        return (self._decoding() | self.handoffs.request_ids()) - self.fencing.keys()
+
+    def _decoding(self) -> set[str]:
+        """The requests reserved, arriving or in the engine: what a hand-off can still take."""
+        return {*self.backlog, *self.receiving, *self.engine.scheduler.requests}
 
     def idle(self) -> bool:
         """No request held and no aborted transfer that may still land: the pool can go."""
@@ -182,7 +185,7 @@ class DecodeWorker:
         for rid, (_, deadline) in list(self.backlog.items()):
             if now > deadline:
                 self._fail(rid, "no KV blocks became free in time", 503)
-        for rid, error in self.handoffs.poll(self.request_ids()):
+        for rid, error in self.handoffs.poll(self._decoding()):
             self._fail(rid, error)
 
     def has_work(self) -> bool:

@@ -116,3 +116,14 @@ def test_seeded_sampling_draws_the_same_tokens_after_a_move(loaded):
     moved, run = _generate(loaded, params, move_after=4)
     assert run["decodes"]["D1"].handoffs.moved == 1
     assert moved == stayed and len(moved) == MAX_TOKENS
+
+
+def test_a_hand_off_asked_after_the_request_ended_is_forgotten_at_once(loaded):
+    """The gateway may ask while the last token is on its way: the source must not wait for a
+    request it no longer holds (it would stay busy, and its role change would wait, for the timeout)."""
+    tokens, run = _generate(
+        loaded, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), move_after=MAX_TOKENS
+    )
+    d1 = run["decodes"]["D1"]
+    assert len(tokens) == MAX_TOKENS and d1.handoffs.moved == 0
+    assert not d1.handoffs.waiting and d1.idle()
