@@ -67,6 +67,7 @@ class Load(msgspec.Struct, kw_only=True, omit_defaults=True):
     waiting: int = 0
     running: int = 0
     encode_queue: int = 0
+    feature_waiting: int = 0  # of `waiting`: prompts at a prefill role still missing encoder features
     free_kv_blocks: int = 0
     total_kv_blocks: int = 0
     transfer_bytes: int = 0  # data plane, sent + received, since start

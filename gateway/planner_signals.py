@@ -9,8 +9,10 @@ that restarted starts again from zero: its totals are then taken as they are).
 A role's pressure is the largest of its signals, each divided by its target, so 1.0 means "at
 target" for every role and pressures compare across roles:
 
-  E  encode_queue items per E instance / `encode_queue`;  mean encode_queue time / (`queue_share` x TTFT SLO)
-  P  waiting prompts per P instance / `prefill_waiting`;  mean prefill_queue time / (`queue_share` x TTFT SLO)
+  E  encode_queue items per E instance / `encode_queue`;  mean encode_queue time / (`queue_share` x TTFT SLO);
+     prompts at P instances still missing features, per E instance / `prefill_waiting`;
+     their mean feature_wait time / (`queue_share` x TTFT SLO)
+  P  prompts waiting for compute per P instance / `prefill_waiting`;  mean prefill_queue time / (...)
   D  KV blocks in use / `kv_use`;  running per D instance / `decode_running`;
      mean decode_step time / TPOT SLO;  mean decode_queue time / (`queue_share` x TTFT SLO)
 
@@ -19,6 +21,11 @@ one more instance spreads the same load over n + 1. Times are the mean of what f
 the tick (sum over count of the differences: exact, where bucket percentiles would be coarse); a
 tick where nothing left a queue gives no time, and a stuck queue still shows in its length.
 Co-located instances (e.g. "PD") count for each role they host.
+
+A prompt waiting at a prefill instance for its image features waits on the encoders, not on the
+prefill: it counts for E (where one more instance would help), and only prompts with every feature
+present count as P's waiting. The feature_wait phase is timed at the prefill instances, so E's
+time signal reads the P instances' histograms.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROLE_PHASES = {"E": ("encode_queue",), "P": ("prefill_queue",), "D": ("decode_step", "decode_queue")}
+# "E" signals timed where P runs: how long prompts waited there for the encoders' features
+FEATURE_WAIT = "feature_wait"
 
 
 @dataclass(slots=True)
@@ -56,6 +65,7 @@ class InstanceView:
     waiting: int = 0
     running: int = 0
     encode_queue: int = 0
+    feature_waiting: int = 0  # of `waiting`: prompts missing encoder features
     free_kv_blocks: int = 0
     total_kv_blocks: int = 0
     phases: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -81,6 +91,7 @@ def view_of(inst: Any) -> InstanceView:
         waiting=load.waiting,
         running=load.running,
         encode_queue=load.encode_queue,
+        feature_waiting=getattr(load, "feature_waiting", 0),
         free_kv_blocks=load.free_kv_blocks,
         total_kv_blocks=load.total_kv_blocks,
         phases=phases,
@@ -138,10 +149,15 @@ def role_signals(
         ratios: list[float] = []
         times = {p: _mean_time(live, deltas, p) for p in ROLE_PHASES[role]}
         if role == "E":
+            prefills = [v for v in views if "P" in v.roles and not v.suspect]
             _add(rs, ratios, "encode_queue", sum(v.encode_queue for v in live) / n, targets.encode_queue)
             _add(rs, ratios, "encode_queue_s", times["encode_queue"], queue_budget)
+            missing = sum(v.feature_waiting for v in prefills) / n
+            _add(rs, ratios, "feature_waiting", missing, targets.prefill_waiting)
+            _add(rs, ratios, "feature_wait_s", _mean_time(prefills, deltas, FEATURE_WAIT), queue_budget)
         elif role == "P":
-            _add(rs, ratios, "waiting", sum(v.waiting for v in live) / n, targets.prefill_waiting)
+            ready = sum(v.waiting - v.feature_waiting for v in live) / n
+            _add(rs, ratios, "waiting", ready, targets.prefill_waiting)
             _add(rs, ratios, "prefill_queue_s", times["prefill_queue"], queue_budget)
         else:
             total = sum(v.total_kv_blocks for v in live)

@@ -140,7 +140,8 @@ class Host:
             load.free_kv_blocks = e.block_manager.num_free_blocks
             load.total_kv_blocks = e.block_manager.num_blocks
         if self.prefill is not None:
-            load.waiting += len(self.prefill.waiting)
+            load.feature_waiting = len(self.prefill.waiting)
+            load.waiting += load.feature_waiting
         dp = self.dataplane
         load.transfer_bytes = dp.bytes_sent + dp.bytes_received
         load.transfer_seconds = dp.seconds_sent + dp.seconds_received

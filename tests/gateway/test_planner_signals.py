@@ -74,6 +74,25 @@ def test_pressures_compare_across_roles() -> None:
     assert again["D"].pressure == pytest.approx(0.5)
 
 
+def test_prompts_waiting_for_features_press_the_encoders_not_the_prefill() -> None:
+    targets = PressureTargets()
+    views = [
+        InstanceView("e1", "E"),
+        InstanceView("e2", "E"),
+        # 12 prompts wait at p1, 10 of them for features that took 1.5 s on average to come
+        InstanceView("p1", "P", waiting=12, feature_waiting=10, phases={"feature_wait": (4, 6.0)}),
+    ]
+    s = role_signals(views, PhaseDeltas().step(views), targets, ttft_s=2.0, tpot_s=0.05)
+    assert s["P"].signals["waiting"] == 2 and s["P"].pressure == pytest.approx(0.5)
+    assert s["E"].signals["feature_waiting"] == 5  # per E instance
+    assert s["E"].signals["feature_wait_s"] == pytest.approx(1.5)
+    assert s["E"].pressure == pytest.approx(3.0)  # 1.5 s against the 0.5 s queue budget
+    info = InstanceInfo(instance_id="p1", roles="P", address="tcp://x", model="m")
+    assert (
+        view_of(Instance(info, last_seen=0.0, load=Load(waiting=3, feature_waiting=2))).feature_waiting == 2
+    )
+
+
 def test_a_role_without_live_instances_has_no_pressure() -> None:
     s = role_signals([InstanceView("p1", "PD")], {}, PressureTargets(), 2.0, 0.05)
     assert (s["E"].count, s["E"].pressure) == (0, 0.0)
