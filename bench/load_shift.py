@@ -1,7 +1,7 @@
 """A load that shifts mid-run: the role planner against fixed topologies on the same processes and cores.
 
-    python -m bench.load_shift [--fixed "E1 P2 D1,E1 P1 D2"] [--planner-start "E1 P2 D1"] \
-        [--phase-seconds 40] [--output FILE] [--plot-dir DIR]
+    python -m bench.load_shift [--fixed "E2 P1 D1,E1 P2 D1,E1 P1 D2"] [--planner-start "E2 P1 D1"] \
+        [--phase-seconds 30] [--output FILE] [--plot-dir DIR]
 
 The workload has three phases of one open-loop arrival stream: image-heavy prompts with short answers
 (encode and prefill work), then text-only prompts with long answers (decode work), then the first
@@ -209,15 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.load_shift", description=__doc__.split("\n\n")[0])
     # fmt: off
     p.add_argument("--model", help="checkpoint folder (default: the built-in small Qwen2-VL)")
-    p.add_argument("--fixed", default="E1 P2 D1,E1 P1 D2", help='fixed topologies, comma-separated '
-                   '(default "E1 P2 D1,E1 P1 D2")')
-    p.add_argument("--planner-start", default="E1 P2 D1", help='the planner run\'s first topology '
-                   '(default "E1 P2 D1"; "" skips it)')
-    p.add_argument("--phase-seconds", type=float, default=40.0, help="length of each phase (40)")
-    p.add_argument("--image-rate", type=float, default=3.0, help="req/s in the image phases (3)")
-    p.add_argument("--text-rate", type=float, default=1.5, help="req/s in the text phase (1.5)")
-    p.add_argument("--images", type=int, default=2, help="224x224 images per image-phase request (2)")
-    p.add_argument("--image-prompt-len", type=int, default=64, help="words of text per image-phase prompt (64)")
+    p.add_argument("--fixed", default="E2 P1 D1,E1 P2 D1,E1 P1 D2", help="fixed topologies, "
+                   'comma-separated (default "E2 P1 D1,E1 P2 D1,E1 P1 D2": every 4-process split)')
+    p.add_argument("--planner-start", default="E2 P1 D1", help='the planner run\'s first topology '
+                   '(default "E2 P1 D1", the best for the first phase; "" skips it)')
+    p.add_argument("--phase-seconds", type=float, default=30.0, help="length of each phase (30)")
+    p.add_argument("--image-rate", type=float, default=10.0, help="req/s in the image phases (10)")
+    p.add_argument("--text-rate", type=float, default=5.0, help="req/s in the text phase (5)")
+    p.add_argument("--images", type=int, default=1, help="224x224 images per image-phase request (1)")
+    p.add_argument("--image-prompt-len", type=int, default=1000, help="words of text per image-phase prompt (1000)")
     p.add_argument("--text-prompt-len", type=int, default=64, help="words per text-phase prompt (64)")
     p.add_argument("--image-output-len", type=int, default=16, help="tokens per image-phase answer (16)")
     p.add_argument("--text-output-len", type=int, default=256, help="tokens per text-phase answer (256)")

@@ -7,18 +7,20 @@ import json
 from cli.main import main
 
 
-def test_bench_engine_reports_every_backend_of_ours_and_transformers(tiny_qwen2_vl, tmp_path, capsys):
+def test_bench_engine_reports_ours_and_transformers(tiny_qwen2_vl, tmp_path, capsys):
     out = tmp_path / "engine.json"
     args = [
         "bench-engine", "--model", str(tiny_qwen2_vl), "--num-requests", "6", "--max-in-flight", "3",
         "--min-out", "2", "--max-out", "6", "--image-size", "56", "--repeats", "1", "--output", str(out),
+        "--backends", "sdpa",
     ]  # fmt: skip
+    # one backend: the report's plumbing is the same for each (flex's compiled kernels, 30 s of
+    # inductor here, are checked against transformers in tests/services/engine/attention/)
     assert main(args) == 0
     report = json.loads(out.read_text())
     runs = report["runs"]
     assert set(runs) == {
         "ours, sdpa attention",
-        "ours, flex attention",
         "transformers generate, padded batches of 3",
         "transformers generate, one by one",
     }

@@ -83,5 +83,5 @@ def test_the_defaults_shift_from_images_to_long_text_and_back():
     from bench.load_shift import phases_of
 
     phases = phases_of(build_parser().parse_args([]))
-    assert [p.images for p in phases] == [2, 0, 2]
+    assert [p.images for p in phases] == [1, 0, 1]
     assert phases[1].output_len > 8 * phases[0].output_len
