@@ -74,16 +74,17 @@ class Stream(threading.Thread):
 def test_a_stalled_decode_fails_its_stream_fast_and_drops_it_when_it_wakes(stack, client, images, reference):
     model = model_name(client)
     assert wait_until(lambda: len(decode_blocks(stack)[1]) == 2 and not busy_decodes(stack), 30)
-    victim_stream = Stream(client, model, images[2])
-    victim_stream.start()
-    assert wait_until(lambda: victim_stream.chunks > 20 and busy_decodes(stack), 60), "the first stream runs"
-    [victim] = busy_decodes(stack)
-    other_stream = Stream(client, model, images[3])  # placed on the other, idle decode instance
+    other_stream = Stream(client, model, images[3])  # the stream that must finish
     other_stream.start()
-    # as soon as both decode: the victim's stream must still be running when the stall begins, also
-    # on a machine busy with other tests
-    assert wait_until(lambda: other_stream.chunks > 0 and len(busy_decodes(stack)) == 2, 60)
-    assert victim_stream.is_alive(), "the first stream ended before the stall could begin"
+    assert wait_until(lambda: other_stream.chunks > 20 and busy_decodes(stack), 60), "the first stream runs"
+    [other] = busy_decodes(stack)
+    victim_stream = Stream(client, model, images[2])  # placed on the other, idle decode instance
+    victim_stream.start()
+    # the newer stream is the victim: the most of its tokens are still to come when the stall begins,
+    # also on a machine busy with other tests (the older one may be near its end by then)
+    assert wait_until(lambda: victim_stream.chunks > 0 and busy_decodes(stack) - {other}, 60)
+    [victim] = busy_decodes(stack) - {other}
+    assert victim_stream.is_alive(), "the victim's stream ended before the stall could begin"
 
     pid = pid_of(stack, victim)
     os.kill(pid, signal.SIGSTOP)
