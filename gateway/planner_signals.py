@@ -91,7 +91,7 @@ def view_of(inst: Any) -> InstanceView:
         waiting=load.waiting,
         running=load.running,
         encode_queue=load.encode_queue,
-        feature_waiting=getattr(load, "feature_waiting", 0),
+        feature_waiting=load.feature_waiting,
         free_kv_blocks=load.free_kv_blocks,
         total_kv_blocks=load.total_kv_blocks,
         phases=phases,

@@ -44,9 +44,7 @@ class PrefillLimits:
     image_token_id: int | None  # None: the model takes no images
     merge_size: int  # patches merged per side into one placeholder token
     hidden_size: int | None  # width of one feature row; None: not checked
-    block_size: int
-    block_bytes: int
-    dataplane_backend: str
+    kv: KvGeometry  # what a KV_DEST must match
     max_feature_bytes: int  # the feature cache: one item larger than it could never be kept
     video_token_id: int | None = None  # None: the model takes no videos
     audio_token_id: int | None = None  # None: the model takes no audio
@@ -60,16 +58,11 @@ class PrefillLimits:
             merge_size=int(getattr(family, "merge_size", 1)),
             # a row's width: the hidden size, times (1 + DeepStack levels) for Qwen3-VL
             hidden_size=getattr(family, "feature_width", None) or getattr(family, "hidden_size", None),
-            block_size=engine.kv.block_size, block_bytes=engine.kv.block_bytes,
-            dataplane_backend=dataplane.descriptor().get("backend", ""), max_feature_bytes=cache_bytes,
+            kv=KvGeometry.of(engine, dataplane), max_feature_bytes=cache_bytes,
             video_token_id=getattr(family, "video_token_id", None),
             audio_token_id=getattr(family, "audio_token_id", None),
             video_runs_per_patch=bool(getattr(family, "video_runs_per_patch", False)),
         )  # fmt: skip
-
-    @property
-    def kv(self) -> KvGeometry:
-        return KvGeometry(self.block_size, self.block_bytes, self.dataplane_backend)
 
 
 def prefill_problem(msg: Prefill, lim: PrefillLimits, *, decodes: bool) -> str | None:

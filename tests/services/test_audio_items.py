@@ -10,7 +10,7 @@ import pytest
 from common.protocol import MMItem, MMRef, Prefill, VideoSettings
 from common.sampling_params import SamplingParams
 from services.encode.media_items import item_problem, prepare_item
-from services.prefill.validation import PrefillLimits, mm_problem
+from services.prefill.validation import KvGeometry, PrefillLimits, mm_problem
 from tests.audio_helpers import wav_bytes
 
 AUDIO_ID, TEXT_ID = 9, 3
@@ -47,7 +47,7 @@ def test_a_model_refuses_kinds_it_does_not_take() -> None:
 def limits(audio: int | None) -> PrefillLimits:
     return PrefillLimits(
         vocab_size=16, max_model_len=64, image_token_id=None if audio else 7, merge_size=1 if audio else 2,
-        hidden_size=None, block_size=16, block_bytes=1, dataplane_backend="tcp", max_feature_bytes=1 << 20,
+        hidden_size=None, kv=KvGeometry(16, 1, "tcp"), max_feature_bytes=1 << 20,
         audio_token_id=audio,
     )  # fmt: skip
 

@@ -20,7 +20,7 @@ from gateway.config import GatewayConfig
 from gateway.openai_api import ChatCompletionRequest, decode_body
 from gateway.preprocess import Preprocessor
 from services.models.loader import load_model
-from services.prefill.validation import PrefillLimits, mm_problem
+from services.prefill.validation import KvGeometry, PrefillLimits, mm_problem
 from tests.reference import hf_greedy, make_image
 from tests.services.engine.test_qwen3_vl_fidelity import MAX_TOKENS, ours
 from tests.video_helpers import make_video, video_item
@@ -53,8 +53,8 @@ def served(checkpoint, video: bytes, image=None):
 def limits(fam, runs_per_patch: bool) -> PrefillLimits:
     return PrefillLimits(
         vocab_size=fam.config.text_config.vocab_size, max_model_len=8192, image_token_id=fam.image_token_id,
-        merge_size=fam.merge_size, hidden_size=fam.feature_width, block_size=16, block_bytes=1,
-        dataplane_backend="shm", max_feature_bytes=1 << 30, video_token_id=fam.video_token_id,
+        merge_size=fam.merge_size, hidden_size=fam.feature_width, kv=KvGeometry(16, 1, "shm"),
+        max_feature_bytes=1 << 30, video_token_id=fam.video_token_id,
         video_runs_per_patch=runs_per_patch,
     )  # fmt: skip
 
