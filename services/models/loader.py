@@ -86,7 +86,8 @@ def load_model(
 ) -> LoadedModel:
     """Load weights, tokenizer, the family's preprocessor (image processor and video settings, or audio
     feature extractor); `attention` names the text attention implementation
-    (default: the engine's paged attention; "sdpa" gives transformers' stock model for references).
+    (default: the engine's paged attention and a matrix-product patch embedding,
+    services/models/patch_embed.py; "sdpa" gives transformers' stock model for references).
 
     `roles` (some of "EPD") says which weights: the vision tower (or audio encoder) for E, the language
     model, embeddings and lm_head for P and D."""
@@ -102,7 +103,9 @@ def load_model(
     from transformers import AutoTokenizer
 
     from services.engine.attention import register_paged_attention
+    from services.models.patch_embed import use_linear_patch_embed
 
+    reference = attention is not None  # transformers' stock modules, as the oracle tests want them
     if attention is None:
         attention = register_paged_attention()
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
@@ -122,6 +125,8 @@ def load_model(
             )  # fmt: skip
         except StageWeightsError as exc:
             raise ModelLoadError(f"cannot load {folder} for roles {roles}: {exc}") from exc
+    if not reference:
+        use_linear_patch_embed(model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     family = cls(model, cls.load_image_processor(str(folder)), read_video_config(folder))
     return LoadedModel(folder, model_type, family, tokenizer, _eos_ids(folder, tokenizer), parts)

@@ -166,7 +166,17 @@ def test_killed_decode_fails_its_requests_fast_others_finish_and_it_rejoins(stac
     for t in threads:
         t.start()
     assert wait_until(lambda: min(progress.values()) > 20, 30), "both streams should be running"
-    victim = next(p for p in stack.stage_pids() if "--roles\0D" in Path(f"/proc/{p}/cmdline").read_text())
+
+    def holding() -> list[str]:  # decode instances serving a stream (from their heartbeats: wait for one)
+        free, total = decode_blocks(stack)
+        return [k for k in sorted(free) if free[k] < total[k]]
+
+    assert wait_until(holding, 10), decode_blocks(stack)
+    victim = next(
+        p
+        for p in stack.stage_pids()
+        if f"--instance-id\0{holding()[0]}\0" in Path(f"/proc/{p}/cmdline").read_text()
+    )
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     for t in threads:
