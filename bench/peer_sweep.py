@@ -2,7 +2,7 @@
 requests, one server at a time, each started once per run and driven through every rate.
 
     python -m bench.peer_sweep --model DIR [--rates 2,4,6,8,10] [--num-prompts 160] [--runs 2]
-        [--systems "vllm:0-1,vllm:auto,epd:EPD1,epd:E1 PD1,epd:E1 P1 D1"] [--client vllm|epd]
+        [--systems "vllm:0-1,vllm:auto,epd:EPD1,epd:E1 PD1,epd:E1 P1 D1"] [--client vllm|epd|vllm,epd]
         [--repeat-image-fraction 0.5 --system-prompt-words 84] [--output FILE.json]
 
 Each (run, rate) has its own seed, the same for every system, so a point's images and prompts are new
@@ -10,6 +10,9 @@ to every server (no cache carries over from the rate before) and every server ge
 Warm-up requests come from yet other seeds. Before each server starts, the machine must be quiet; the
 CPU that other processes used while a point ran is recorded, and a point where it passed
 `--retry-other-pct` is run once more (with a new seed for both passes, so caches stay cold).
+
+With `--client vllm,epd` each rate runs once per client on the same server: the two clients' figures
+for one server, side by side (does our client flatter us?).
 
 Printed per run: each system's goodput (SLO: TTFT 2 s, TPOT 50 ms) and SLO attainment per rate, our
 best topology over vLLM's best binding, and the highest rate each system sustains at 90% attainment.
@@ -48,29 +51,39 @@ def measure_system(args, system: System, peer: Peer, work: Workload, run: int, o
         model_id = server.model_id()
         print(f"  {system.label}: ready in {startup:.0f} s (machine {quiet:.0f}% busy before)", flush=True)
         for i, rate in enumerate(args.rates):
-            for attempt in range(2):
-                seed = seed_of(run, i, attempt)
-                dest = out / f"run{run}-{label}-r{rate:g}-a{attempt}.json"
-                with CpuWindow(server.proc.pid) as cpu:
-                    if args.client == "vllm":
-                        res = run_vllm_client(peer, args.model, model_id, server.base, rate, args.num_prompts,
-                                              seed, args.warmups, work, dest, args.bench_timeout)  # fmt: skip
-                    else:
-                        res = run_epd_client(model_id, server.base, rate, args.num_prompts, seed, args.warmups,
-                                             work, dest, args.bench_timeout)  # fmt: skip
-                row = {"run": run, "system": system.label, "rate": rate, "attempt": attempt, "seed": seed,
-                       "startup_s": round(startup), "resident_mib": server.resident_mib(),
-                       "cpu_pct": {"server": round(cpu.server), "client": round(cpu.client),
-                                   "other": round(cpu.other)},
-                       **asdict(res), "attainment": res.attainment}  # fmt: skip
-                print("    " + point_line(row), flush=True)
-                if cpu.other <= args.retry_other_pct or attempt == 1:
-                    rows.append(row)
-                    break
-                print(f"    other processes used {cpu.other:.0f}% of a core: running the point again")
+            for client in args.clients:
+                row = measure_point(args, server, model_id, peer, work, (run, i, rate, client), out)
+                rows.append({**row, "startup_s": round(startup)})
     finally:
         server.stop()
     return rows
+
+
+def measure_point(args, server: Server, model_id: str, peer: Peer, work: Workload, point, out: Path) -> dict:
+    """One rate with one client; run again (new seed) if other processes used the CPU meanwhile."""
+    run, index, rate, client = point
+    system = server.system
+    name = system.label if len(args.clients) == 1 else f"{system.label} [{client} client]"
+    for attempt in range(2):
+        seed = seed_of(run, index, attempt)
+        dest = out / f"run{run}-{system.label.replace(' ', '_')}-{client}-r{rate:g}-a{attempt}.json"
+        with CpuWindow(server.proc.pid) as cpu:
+            if client == "vllm":
+                res = run_vllm_client(peer, args.model, model_id, server.base, rate, args.num_prompts, seed,
+                                      args.warmups, work, dest, args.bench_timeout)  # fmt: skip
+            else:
+                res = run_epd_client(model_id, server.base, rate, args.num_prompts, seed, args.warmups, work,
+                                     dest, args.bench_timeout)  # fmt: skip
+        row = {"run": run, "system": name, "client": client, "rate": rate, "attempt": attempt, "seed": seed,
+               "resident_mib": server.resident_mib(),
+               "cpu_pct": {"server": round(cpu.server), "client": round(cpu.client), "other": round(cpu.other)},
+               **asdict(res), "attainment": res.attainment}  # fmt: skip
+        print("    " + point_line(row), flush=True)
+        if cpu.other <= args.retry_other_pct:
+            break
+        if attempt == 0:
+            print(f"    other processes used {cpu.other:.0f}% of a core: running the point again")
+    return row
 
 
 def point_line(row: dict) -> str:
@@ -132,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmups", type=int, default=8, help="warm-up requests before each rate (8)")
     p.add_argument("--runs", default="1,2", help="run numbers, comma-separated; each its own seeds (1,2)")
     p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f'comma-separated ("{DEFAULT_SYSTEMS}")')
-    p.add_argument("--client", choices=("vllm", "epd"), default="vllm", help="load generator (vllm)")
+    p.add_argument("--client", default="vllm",
+                   help="load generator: vllm (`vllm bench serve`), epd (`epd-serve bench`), or both, "
+                        "vllm,epd: each rate then runs once per client on the same server (vllm)")  # fmt: skip
     p.add_argument("--repeat-image-fraction", type=float, default=0.0,
                    help="epd client: share of images repeating an earlier request's (0)")  # fmt: skip
     p.add_argument("--system-prompt-words", type=int, default=0,
@@ -143,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-home", default=os.environ.get("EPD_PEER_HOME", str(Path.home() / ".cache/epd-peer")),
                    help="vLLM's install (EPD_PEER_HOME, default ~/.cache/epd-peer)")  # fmt: skip
     p.add_argument("--peer-scripts", default="../shared/peer", help="folder of vllm_cli.py (../shared/peer)")
-    p.add_argument("--vllm-extra", default='--limit-mm-per-prompt {"video":0}',
+    p.add_argument("--vllm-extra", default="--limit-mm-per-prompt '{\"video\":0}'",
                    help="extra `vllm serve` flags, shell-quoted (the default keeps vLLM's start-up profiling "
                         "from feeding our checkpoints' video processor a dummy video without metadata)")  # fmt: skip
     p.add_argument("--port", type=int, default=8300)
@@ -159,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="write every point and the summary as JSON here")
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
+    args.clients = args.client.split(",")
+    if not set(args.clients) <= {"vllm", "epd"}:
+        p.error(f"--client: vllm, epd or vllm,epd, got {args.client!r}")
     args.vllm_extra = shlex.split(args.vllm_extra)
     args.model = str(Path(args.model).resolve())
     systems = [System.parse(s.strip()) for s in args.systems.split(",")]
