@@ -155,6 +155,8 @@ def test_a_prefill_becomes_decode_and_a_decode_becomes_prefill_under_load(stack,
 
     def operate() -> None:
         stack.admin("/admin/instances/p1/roles", {"roles": "D", "reason": "test"})
+        # p1 must be a decode instance before d1 leaves decoding, or d1 has nowhere to hand off to
+        stack.wait(lambda i: i["p1"]["roles"] == "D" and i["p1"]["pending_roles"] is None, "p1 decoding")
         stack.wait(lambda i: i["d1"]["inflight"] > 0, "d1 holding requests")
         stack.admin("/admin/instances/d1/roles", {"roles": "P", "reason": "test"})
         stack.wait(lambda i: i["p1"]["roles"] == "D" and i["d1"]["roles"] == "P"
