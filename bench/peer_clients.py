@@ -43,6 +43,16 @@ class PointResult:
     goodput: float
     num_prompts: int
 
+    @classmethod
+    def of(cls, d: dict, goodput: float, num_prompts: int) -> PointResult:
+        """From a result JSON: vLLM's and ours name these fields alike (goodput aside)."""
+        return cls(
+            completed=d["completed"], failed=d["failed"], duration_s=d["duration"],
+            request_throughput=d["request_throughput"], mean_ttft_ms=d["mean_ttft_ms"],
+            p99_ttft_ms=d["p99_ttft_ms"], mean_tpot_ms=d["mean_tpot_ms"], p99_tpot_ms=d["p99_tpot_ms"],
+            goodput=goodput, num_prompts=num_prompts,
+        )  # fmt: skip
+
     @property
     def attainment(self) -> float:
         """Share of the requests sent that met the SLO."""
@@ -72,12 +82,7 @@ def run_vllm_client(
     bench(num_prompts, seed, ["--goodput", f"ttft:{work.slo_ttft_ms:g}", f"tpot:{work.slo_tpot_ms:g}",
                               "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name])  # fmt: skip
     d = json.loads(out.read_text())
-    return PointResult(
-        completed=d["completed"], failed=d["failed"], duration_s=d["duration"],
-        request_throughput=d["request_throughput"], mean_ttft_ms=d["mean_ttft_ms"], p99_ttft_ms=d["p99_ttft_ms"],
-        mean_tpot_ms=d["mean_tpot_ms"], p99_tpot_ms=d["p99_tpot_ms"], goodput=d.get("request_goodput") or 0.0,
-        num_prompts=num_prompts,
-    )  # fmt: skip
+    return PointResult.of(d, d.get("request_goodput") or 0.0, num_prompts)
 
 
 def run_epd_client(
@@ -93,9 +98,4 @@ def run_epd_client(
     with open(out.with_suffix(".log"), "ab") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=True)
     r = json.loads(out.read_text())["runs"][0]
-    return PointResult(
-        completed=r["completed"], failed=r["failed"], duration_s=r["duration"],
-        request_throughput=r["request_throughput"], mean_ttft_ms=r["mean_ttft_ms"], p99_ttft_ms=r["p99_ttft_ms"],
-        mean_tpot_ms=r["mean_tpot_ms"], p99_tpot_ms=r["p99_tpot_ms"], goodput=r["goodput"],
-        num_prompts=num_prompts,
-    )  # fmt: skip
+    return PointResult.of(r, r["goodput"], num_prompts)

@@ -156,12 +156,17 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy since boot (all CPUs; idle and iowait left out)."""
+    vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def _busy_and_session(sid: int) -> tuple[float, float]:
     """(CPU seconds busy on the whole machine, CPU seconds of session `sid`'s live processes and their
     reaped children), both since boot."""
     hz = os.sysconf("SC_CLK_TCK")
-    vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    busy = (sum(vals) - vals[3] - vals[4]) / hz
+    busy = _machine_busy_s()
     own = sum(sum(int(x) for x in f[11:15]) for p in os.listdir("/proc") if p.isdigit()
               and (f := _stat_fields(p)) and int(f[3]) == sid)  # fmt: skip
     return busy, own / hz
@@ -195,15 +200,9 @@ class CpuWindow:
 
 def machine_busy_pct(seconds: float = 3.0) -> float:
     """Percent of one core the whole machine used over `seconds` (call with nothing of ours running)."""
-    hz = os.sysconf("SC_CLK_TCK")
-
-    def busy() -> float:
-        vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return (sum(vals) - vals[3] - vals[4]) / hz
-
-    b0, t0 = busy(), time.monotonic()
+    b0, t0 = _machine_busy_s(), time.monotonic()
     time.sleep(seconds)
-    return (busy() - b0) / (time.monotonic() - t0) * 100
+    return (_machine_busy_s() - b0) / (time.monotonic() - t0) * 100
 
 
 def wait_quiet(limit_pct: float = 25.0, max_s: float = 120.0) -> float:
