@@ -221,6 +221,9 @@ class TokenUpdate(msgspec.Struct, kw_only=True, omit_defaults=True, array_like=T
     finished: bool = False
     finish_reason: str | None = None
     logprobs: Logprobs | None = None  # of token_ids, when the request asked for logprobs
+    # the request's output index of token_ids[0] (FIRST_TOKEN is 0): the gateway puts tokens from
+    # different connections (prefill and decode; the two ends of a hand-off) back in order by it
+    position: int = 0
 
 
 class Tokens(Msg):

@@ -45,6 +45,7 @@ from gateway.registry import Registry
 from gateway.role_changes import RoleChanges
 
 log = logging.getLogger("epd.gateway.cluster")
+OUT_OF_ORDER = "a decode instance sent tokens whose positions leave a gap that never closes"
 
 
 class Cluster:
@@ -266,10 +267,7 @@ class Cluster:
             event = TokenEvent(
                 [msg.token_id], msg.finished, msg.finish_reason, msg.logprobs, msg.num_cached_tokens
             )
-            flight.queue.put_nowait(event)
-            for early in flight.early:  # prefill's and decode's connections: keep the tokens' order
-                flight.queue.put_nowait(early)
-            flight.early.clear()
+            flight.deliver(0, event)
         elif isinstance(msg, Tokens):
             for u in msg.updates:
                 f = self.flights.get(u.request_id)
@@ -277,10 +275,9 @@ class Cluster:
                     self.role_changes.on_tokens(u.request_id, f, msg.sender)
                     self.timings.decode_tokens(f.clock)
                     event = TokenEvent(list(u.token_ids), u.finished, u.finish_reason, u.logprobs)
-                    if f.clock.first_token_at is None:
-                        f.early.append(event)  # it overtook the first token (another connection)
-                    else:
-                        f.queue.put_nowait(event)
+                    if not f.deliver(u.position, event):
+                        self._send_abort(u.request_id, f)
+                        f.queue.put_nowait(BackendError(502, OUT_OF_ORDER))
         elif isinstance(msg, RequestError) and flight is not None:
             self._send_abort(msg.request_id, flight)
             flight.queue.put_nowait(BackendError(msg.status, msg.message))

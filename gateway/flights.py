@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from gateway.backend import TokenEvent
 from gateway.instance_metrics import StageClock
 from gateway.registry import Instance, Registry
+
+MAX_AHEAD = 256  # events of one request waiting for an earlier one, at most
 
 
 @dataclass(slots=True)
@@ -23,9 +26,36 @@ class Flight:
     decode_id: str = ""
     prefill_id: str = ""  # kept once prefill leaves `holders`: it may still be shipping the KV
     aborted: bool = False
-    early: list = field(default_factory=list)  # decode's tokens that overtook the first token
+    next_position: int = 0  # output tokens put on the queue so far
+    streamed_last: bool = False  # the finished event is on the queue: nothing follows it
+    ahead: dict[int, TokenEvent] = field(default_factory=dict)  # came before their turn, by position
     handed_from: str = ""  # a decode instance handing the request off, until the target's tokens come
     clock: StageClock = field(default_factory=StageClock)
+
+    def deliver(self, position: int, event: TokenEvent) -> bool:
+        """Queue `event` (tokens from the request's output index `position`) in output order.
+
+        Tokens reach the gateway on more than one connection: the first token from prefill and the
+        rest from decode; in a hand-off, the last ones from the source and the next from the target.
+        Each connection keeps its own order, but one may overtake another, so an event that comes
+        early waits here for the ones before it; one already delivered (a repeat), and anything after
+        the event that ended the stream, is dropped.
+        False when too many wait: a stage sends positions that never close up (its request fails)."""
+        if position < self.next_position or self.streamed_last:
+            return True
+        if position > self.next_position:
+            self.ahead[position] = event
+            return len(self.ahead) <= MAX_AHEAD
+        while True:
+            self.queue.put_nowait(event)
+            self.next_position += len(event.token_ids)
+            if event.finished:
+                self.streamed_last = True
+                self.ahead.clear()
+                return True
+            event = self.ahead.pop(self.next_position, None)
+            if event is None:
+                return True
 
 
 class Flights:

@@ -111,22 +111,29 @@ class Host:
         return info
 
     def _register(self, timeout_s: float = 60.0) -> None:
-        """Register with the gateway, retrying until it answers (it may start after us)."""
+        """Register with the gateway, retrying until it answers (it may start after us). Everything
+        else in the batch the answer came in is handled too: the gateway places work here the moment
+        it has registered us, and that work may come just before or just after its answer."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not self.stopping:
             self.io.to_gateway(Register(info=self.info()))
+            accepted = False
             for item in self.io.get(timeout=1.0):
                 msg = item.msg
-                if isinstance(msg, RegisterAck):
-                    if msg.retry:
-                        break
+                if isinstance(msg, Register) and msg.info.address == self.io.address:
+                    raise SystemExit(f"{self.config.gateway_address} is this instance's own address, "
+                                     "not the gateway's (its port was free when the gateway's was chosen?)")  # fmt: skip
+                if accepted or not isinstance(msg, RegisterAck):
+                    self._dispatch(item)
+                elif not msg.retry:  # a retry: register again after this batch
                     if not msg.accepted:
                         raise SystemExit(f"the gateway refused this instance: {msg.reason}")
                     self.io.heartbeat_interval = bounded_interval(msg.heartbeat_interval)
                     log.info("registered", instance=self.config.instance_id, roles=self.config.roles,
                              address=self.io.address)  # fmt: skip
-                    return
-                self._dispatch(item)
+                    accepted = True
+            if accepted:
+                return
         raise SystemExit(f"no answer from the gateway at {self.config.gateway_address}")
 
     # ---- the loop ----------------------------------------------------------------------------------

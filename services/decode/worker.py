@@ -205,6 +205,7 @@ class DecodeWorker:
                 TokenUpdate(
                     request_id=o.request_id, token_ids=o.new_token_ids,
                     finished=o.finished, finish_reason=o.finish_reason, logprobs=o.logprobs,
+                    position=o.position,
                 )
             )  # fmt: skip
         if updates:

@@ -35,6 +35,7 @@ class RequestOutput:
     logits: torch.Tensor | None = None  # [vocab] of the new token, when the engine keeps logits
     logprobs: Logprobs | None = None  # of the new token, when the request asked for them
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when it was admitted
+    position: int = 0  # the request's output index of new_token_ids[0] (0: its first token)
 
 
 class StepError(RuntimeError):
@@ -189,6 +190,7 @@ class Engine:
                     logits,
                     logprobs,
                     u.seq.num_cached_tokens,
+                    u.seq.num_output_tokens - 1,
                 )  # fmt: skip
             )
         return outputs

@@ -214,6 +214,7 @@ class PrefillWorker:
                     TokenUpdate(
                         request_id=rid, token_ids=out.new_token_ids,
                         finished=out.finished, finish_reason=out.finish_reason, logprobs=out.logprobs,
+                        position=out.position,
                     )
                 )  # fmt: skip
             else:

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -55,6 +56,21 @@ class HandBuiltStack:
     def start_gateway(self) -> None:
         self.spawn("gateway", "gateway", "--model", str(self.model), "--port", str(self.port),
                    "--control-port", str(self.control_port), "--no-banner")  # fmt: skip
+        self.wait_until_serving()
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """The gateway binds its control port before its HTTP site, so any HTTP answer means both are
+        taken: a stage started earlier could take the control port's number for its own inbox."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.root + "/health", timeout=2).close()
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"the gateway does not answer after {timeout} s\n{self.logs()}")
 
     def start_stage(self, instance_id: str, roles: str) -> None:
         self.spawn(instance_id, "serve", "--roles", roles, "--gateway", f"tcp://127.0.0.1:{self.control_port}",
@@ -141,6 +157,8 @@ async def _under_load(stack: HandBuiltStack, images, operate) -> list[tuple[int,
 
     try:
         await asyncio.gather(operator(), *(one_client(k) for k in range(CLIENTS)))
+    except Exception as e:
+        raise AssertionError(f"{e!r}\n{stack.instances()}\n{stack.logs()}") from e
     finally:
         await client.close()
     return answers

@@ -282,6 +282,7 @@ class ScriptedStage:
                 token_ids=[self.token_id],
                 finished=last,
                 finish_reason="length" if last else None,
+                position=i,
             )
             self.mailbox.send(gateway, Tokens(updates=[update]))
 

@@ -3,7 +3,8 @@
 The workers run in one process through the message router of tests/services/test_workers.py: encode,
 prefill, and two decode instances. The request is moved after a few tokens; what comes out of both
 must be transformers' greedy answer (and, sampled with a seed, the tokens of a run that never moved),
-and the source's blocks must all be free once the KV has gone.
+every TOKENS update must name its place in the output (what the gateway orders them by), and the
+source's blocks must all be free once the KV has gone.
 """
 
 from __future__ import annotations
@@ -92,7 +93,12 @@ def _generate(loaded, params: SamplingParams, move_after: int | None) -> tuple[l
         for m in router.to_gateway_log[seen:]:
             kind = type(m).__name__
             assert kind in ("FirstToken", "Tokens"), m
-            tokens += [m.token_id] if kind == "FirstToken" else [t for u in m.updates for t in u.token_ids]
+            if kind == "FirstToken":
+                tokens.append(m.token_id)
+                continue
+            for u in m.updates:  # each names its place in the output, before and after the move
+                assert u.position == len(tokens), (u.position, len(tokens))
+                tokens += u.token_ids
         seen = len(router.to_gateway_log)
         if move_after is not None and len(tokens) >= move_after:
             decodes["D1"].on_handoff(Handoff(request_id="r", decode_id="D2", decode_address="D2"))
