@@ -12,7 +12,9 @@ CPU that other processes used while a point ran is recorded, and a point where i
 `--retry-other-pct` is run once more (with a new seed for both passes, so caches stay cold).
 
 With `--client vllm,epd` each rate runs once per client on the same server: the two clients' figures
-for one server, side by side (does our client flatter us?).
+for one server, side by side (does our client flatter us?). For our servers every point also records
+the gateway's own mean TTFT and TPOT over it (its /metrics histograms, read before and after; warm-up
+requests included): a third reading that no client's overhead moves.
 
 Printed per run: each system's goodput (SLO: TTFT 2 s, TPOT 50 ms) and SLO attainment per rate, our
 best topology over vLLM's best binding, and the highest rate each system sustains at 90% attainment.
@@ -29,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.peer_clients import Workload, run_epd_client, run_vllm_client
-from bench.peer_systems import CpuWindow, Peer, Server, System, wait_quiet
+from bench.peer_systems import CpuWindow, Peer, Server, System, server_view, wait_quiet
 
 DEFAULT_SYSTEMS = "vllm:0-1,vllm:auto,epd:EPD1,epd:E1 PD1,epd:E1 P1 D1"
 SUSTAINED = 0.9  # SLO attainment a rate must keep to count as sustained
@@ -67,6 +69,7 @@ def measure_point(args, server: Server, model_id: str, peer: Peer, work: Workloa
     for attempt in range(2):
         seed = seed_of(run, index, attempt)
         dest = out / f"run{run}-{system.label.replace(' ', '_')}-{client}-r{rate:g}-a{attempt}.json"
+        before = server.latency_totals()
         with CpuWindow(server.proc.pid) as cpu:
             if client == "vllm":
                 res = run_vllm_client(peer, args.model, model_id, server.base, rate, args.num_prompts, seed,
@@ -77,7 +80,8 @@ def measure_point(args, server: Server, model_id: str, peer: Peer, work: Workloa
         row = {"run": run, "system": name, "client": client, "rate": rate, "attempt": attempt, "seed": seed,
                "resident_mib": server.resident_mib(),
                "cpu_pct": {"server": round(cpu.server), "client": round(cpu.client), "other": round(cpu.other)},
-               **asdict(res), "attainment": res.attainment}  # fmt: skip
+               **asdict(res), "attainment": res.attainment,
+               "server_view": server_view(before, server.latency_totals())}  # fmt: skip
         print("    " + point_line(row), flush=True)
         if cpu.other <= args.retry_other_pct:
             break
@@ -90,7 +94,17 @@ def point_line(row: dict) -> str:
     return (f"{row['rate']:>5g} req/s  ok {row['completed']:>3}/{row['num_prompts']}  goodput {row['goodput']:5.2f}"
             f"  SLO {row['attainment']:6.1%}  TTFT {row['mean_ttft_ms']:7.1f} (p99 {row['p99_ttft_ms']:7.1f})"
             f"  TPOT {row['mean_tpot_ms']:6.2f} (p99 {row['p99_tpot_ms']:6.2f}) ms"
-            f"  cpu srv/cli/other {row['cpu_pct']['server']}/{row['cpu_pct']['client']}/{row['cpu_pct']['other']}%")  # fmt: skip
+            f"  cpu srv/cli/other {row['cpu_pct']['server']}/{row['cpu_pct']['client']}/{row['cpu_pct']['other']}%"
+            + server_line(row.get("server_view")))  # fmt: skip
+
+
+def server_line(view: dict | None) -> str:
+    if not view or view["mean_ttft_ms"] is None:
+        return ""
+    tpot = f"{view['mean_tpot_ms']:.2f}" if view["mean_tpot_ms"] is not None else "-"
+    return (
+        f"  gateway's own TTFT {view['mean_ttft_ms']:.1f} TPOT {tpot} ms ({view['ttft_requests']} requests)"
+    )
 
 
 def summary(rows: list[dict], rates: list[float]) -> dict:

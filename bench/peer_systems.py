@@ -19,9 +19,28 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
 }  # fmt: skip
+
+
+GATEWAY_LATENCIES = {
+    "epd_gateway_time_to_first_token_seconds": "ttft", "epd_gateway_time_per_output_token_seconds": "tpot",
+}  # fmt: skip
+
+
+def server_view(before: dict | None, after: dict | None) -> dict | None:
+    """The gateway's mean TTFT and TPOT (ms) over the requests between two `latency_totals` readings."""
+    if not before or not after:
+        return None
+    view = {}
+    for key in ("ttft", "tpot"):
+        (s0, n0), (s1, n1) = before.get(key, (0.0, 0.0)), after.get(key, (0.0, 0.0))
+        view[f"mean_{key}_ms"] = round(1000 * (s1 - s0) / (n1 - n0), 2) if n1 > n0 else None
+        view[f"{key}_requests"] = int(n1 - n0)
+    return view
 
 
 @dataclass(frozen=True)
@@ -109,6 +128,26 @@ class Server:
     def model_id(self) -> str:
         with urllib.request.urlopen(self.base + "/v1/models", timeout=5) as r:
             return json.load(r)["data"][0]["id"]
+
+    def latency_totals(self) -> dict[str, tuple[float, float]] | None:
+        """Our gateway's TTFT and TPOT histograms as (sum s, count), from its /metrics; None for vLLM.
+
+        Two readings around a point give the server's own mean TTFT and TPOT over it: a clock that no
+        client's overhead (payload encoding, event-loop delay, stream parsing) can move.
+        """
+        if self.system.kind == "vllm":
+            return None
+        with urllib.request.urlopen(self.base + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        totals = {}
+        for family in text_string_to_metric_families(text):
+            key = GATEWAY_LATENCIES.get(family.name)
+            if key:
+                totals[key] = (
+                    sum(x.value for x in family.samples if x.name == family.name + "_sum"),
+                    sum(x.value for x in family.samples if x.name == family.name + "_count"),
+                )
+        return totals
 
     def resident_mib(self) -> int:
         return sum(_rss_kib(pid) for pid in session_pids(self.proc.pid)) // 1024

@@ -13,7 +13,7 @@ import pytest
 
 from bench.peer_clients import PointResult
 from bench.peer_sweep import main, seed_of, summary
-from bench.peer_systems import CpuWindow, System
+from bench.peer_systems import CpuWindow, System, server_view
 from tests.e2e.stack import free_port
 
 
@@ -57,6 +57,16 @@ def test_summary_ratio_of_bests_and_highest_sustained_rate():
     }  # fmt: skip
 
 
+def test_server_view_is_the_mean_over_the_requests_between_two_readings():
+    before = {"ttft": (1.0, 10.0), "tpot": (0.1, 10.0)}
+    after = {"ttft": (1.5, 15.0), "tpot": (0.15, 14.0)}
+    assert server_view(before, after) == {
+        "mean_ttft_ms": 100.0, "ttft_requests": 5, "mean_tpot_ms": 12.5, "tpot_requests": 4,
+    }  # fmt: skip
+    assert server_view(before, before)["mean_ttft_ms"] is None  # no request in between
+    assert server_view(None, None) is None  # vLLM: no reading
+
+
 def test_cpu_window_counts_a_child_client():
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
     with CpuWindow(server_sid=-1) as cpu:  # no such session: the server share is 0
@@ -84,3 +94,7 @@ def test_a_sweep_of_our_server_with_our_client(tmp_path, tiny_qwen2_vl, monkeypa
     assert report["workload"]["repeat_image_fraction"] == 0.5
     assert report["summary"]["1"]["highest_sustained_rate"]["EPD1"] in (None, 4.0, 8.0)
     assert "/" not in report["model"]
+    for p in points:  # the gateway's own clock saw every request of the point, its warm-up included
+        view = p["server_view"]
+        assert view["ttft_requests"] == view["tpot_requests"] == 7
+        assert view["mean_ttft_ms"] > 0 and view["mean_tpot_ms"] > 0
