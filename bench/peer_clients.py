@@ -5,17 +5,22 @@ system prompt, which vLLM's random datasets cannot).
 
 Both force the output length (`ignore_eos`), decode greedily, stream, and count TTFT from sending to
 the first text and TPOT as (end-to-end - TTFT) / (output tokens - 1), each request's, then averaged.
-Goodput is the requests that met both SLOs per second of the run.
+Goodput is the requests that met both SLOs per second of the run. Both warm up alike: a separate pass
+of `warmups` requests from another seed at the point's rate, then `measured()` is called (the sweep
+reads the server's own counters there), then the measured pass.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.peer_systems import Peer
+
+WARMUP_SEED = 50_000  # added to a point's seed for its warm-up pass: requests no measured one repeats
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ class PointResult:
 
 def run_vllm_client(
     peer: Peer, model: str, model_id: str, base: str, rate: float, num_prompts: int, seed: int,
-    warmups: int, work: Workload, out: Path, timeout_s: float,
+    warmups: int, work: Workload, out: Path, timeout_s: float, measured: Callable[[], None] = lambda: None,
 ) -> PointResult:  # fmt: skip
     def bench(n: int, s: int, extra: list[str]) -> None:
         cmd = [*peer.cli, "bench", "serve", "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
@@ -78,7 +83,8 @@ def run_vllm_client(
             )
 
     if warmups:  # other random images and prompts: no measured request hits a cache
-        bench(warmups, seed + 50_000, [])
+        bench(warmups, seed + WARMUP_SEED, [])
+    measured()
     bench(num_prompts, seed, ["--goodput", f"ttft:{work.slo_ttft_ms:g}", f"tpot:{work.slo_tpot_ms:g}",
                               "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name])  # fmt: skip
     d = json.loads(out.read_text())
@@ -87,15 +93,21 @@ def run_vllm_client(
 
 def run_epd_client(
     model_id: str, base: str, rate: float, num_prompts: int, seed: int, warmups: int, work: Workload,
-    out: Path, timeout_s: float,
+    out: Path, timeout_s: float, measured: Callable[[], None] = lambda: None,
 ) -> PointResult:  # fmt: skip
-    cmd = [".venv/bin/epd-serve", "bench", "--base-url", base + "/v1", "--model", model_id, "--rate", f"{rate:g}",
-           "--num-requests", str(num_prompts), "--warmup", str(warmups), "--seed", str(seed), "--images", "1",
-           "--image-size", f"{work.image}x{work.image}", "--prompt-len", str(work.prompt_words),
-           "--output-len", str(work.output_tokens), "--repeat-image-fraction", f"{work.repeat_image_fraction:g}",
-           "--system-prompt-len", str(work.system_prompt_words), "--slo-ttft-ms", f"{work.slo_ttft_ms:g}",
-           "--slo-tpot-ms", f"{work.slo_tpot_ms:g}", "--no-progress", "--output", str(out)]  # fmt: skip
-    with open(out.with_suffix(".log"), "ab") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=True)
+    def bench(n: int, s: int, dest: Path) -> None:
+        cmd = [".venv/bin/epd-serve", "bench", "--base-url", base + "/v1", "--model", model_id, "--rate", f"{rate:g}",
+               "--num-requests", str(n), "--warmup", "0", "--seed", str(s), "--images", "1",
+               "--image-size", f"{work.image}x{work.image}", "--prompt-len", str(work.prompt_words),
+               "--output-len", str(work.output_tokens), "--repeat-image-fraction", f"{work.repeat_image_fraction:g}",
+               "--system-prompt-len", str(work.system_prompt_words), "--slo-ttft-ms", f"{work.slo_ttft_ms:g}",
+               "--slo-tpot-ms", f"{work.slo_tpot_ms:g}", "--no-progress", "--output", str(dest)]  # fmt: skip
+        with open(out.with_suffix(".log"), "ab") as log:
+            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=True)
+
+    if warmups:  # as vLLM's client: another seed's requests (images, system prompt) at the point's rate
+        bench(warmups, seed + WARMUP_SEED, out.with_suffix(".warmup.json"))
+    measured()
+    bench(num_prompts, seed, out)
     r = json.loads(out.read_text())["runs"][0]
     return PointResult.of(r, r["goodput"], num_prompts)

@@ -13,8 +13,8 @@ CPU that other processes used while a point ran is recorded, and a point where i
 
 With `--client vllm,epd` each rate runs once per client on the same server: the two clients' figures
 for one server, side by side (does our client flatter us?). For our servers every point also records
-the gateway's own mean TTFT and TPOT over it (its /metrics histograms, read before and after; warm-up
-requests included): a third reading that no client's overhead moves.
+the gateway's own mean TTFT and TPOT over its measured requests (its /metrics histograms, read after
+the warm-up pass and at the end): a third reading that no client's overhead moves.
 
 Printed per run: each system's goodput (SLO: TTFT 2 s, TPOT 50 ms) and SLO attainment per rate, our
 best topology over vLLM's best binding, and the highest rate each system sustains at 90% attainment.
@@ -69,19 +69,20 @@ def measure_point(args, server: Server, model_id: str, peer: Peer, work: Workloa
     for attempt in range(2):
         seed = seed_of(run, index, attempt)
         dest = out / f"run{run}-{system.label.replace(' ', '_')}-{client}-r{rate:g}-a{attempt}.json"
-        before = server.latency_totals()
+        before: list[dict | None] = []  # the server's counters once the warm-up pass is done
         with CpuWindow(server.proc.pid) as cpu:
             if client == "vllm":
                 res = run_vllm_client(peer, args.model, model_id, server.base, rate, args.num_prompts, seed,
-                                      args.warmups, work, dest, args.bench_timeout)  # fmt: skip
+                                      args.warmups, work, dest, args.bench_timeout,
+                                      lambda b=before: b.append(server.latency_totals()))  # fmt: skip
             else:
                 res = run_epd_client(model_id, server.base, rate, args.num_prompts, seed, args.warmups, work,
-                                     dest, args.bench_timeout)  # fmt: skip
+                                     dest, args.bench_timeout, lambda b=before: b.append(server.latency_totals()))  # fmt: skip
         row = {"run": run, "system": name, "client": client, "rate": rate, "attempt": attempt, "seed": seed,
                "resident_mib": server.resident_mib(),
                "cpu_pct": {"server": round(cpu.server), "client": round(cpu.client), "other": round(cpu.other)},
                **asdict(res), "attainment": res.attainment,
-               "server_view": server_view(before, server.latency_totals())}  # fmt: skip
+               "server_view": server_view(before[0], server.latency_totals())}  # fmt: skip
         print("    " + point_line(row), flush=True)
         if cpu.other <= args.retry_other_pct:
             break
