@@ -66,23 +66,26 @@ def measure_point(args, server: Server, model_id: str, peer: Peer, work: Workloa
     run, index, rate, client = point
     system = server.system
     name = system.label if len(args.clients) == 1 else f"{system.label} [{client} client]"
+    marks: list[dict | None] = []  # the server's counters once a pass's warm-up is done
+
+    def mark() -> None:
+        marks.append(server.latency_totals())
+
     for attempt in range(2):
         seed = seed_of(run, index, attempt)
         dest = out / f"run{run}-{system.label.replace(' ', '_')}-{client}-r{rate:g}-a{attempt}.json"
-        before: list[dict | None] = []  # the server's counters once the warm-up pass is done
         with CpuWindow(server.proc.pid) as cpu:
             if client == "vllm":
                 res = run_vllm_client(peer, args.model, model_id, server.base, rate, args.num_prompts, seed,
-                                      args.warmups, work, dest, args.bench_timeout,
-                                      lambda b=before: b.append(server.latency_totals()))  # fmt: skip
+                                      args.warmups, work, dest, args.bench_timeout, mark)  # fmt: skip
             else:
                 res = run_epd_client(model_id, server.base, rate, args.num_prompts, seed, args.warmups, work,
-                                     dest, args.bench_timeout, lambda b=before: b.append(server.latency_totals()))  # fmt: skip
+                                     dest, args.bench_timeout, mark)  # fmt: skip
         row = {"run": run, "system": name, "client": client, "rate": rate, "attempt": attempt, "seed": seed,
                "resident_mib": server.resident_mib(),
                "cpu_pct": {"server": round(cpu.server), "client": round(cpu.client), "other": round(cpu.other)},
                **asdict(res), "attainment": res.attainment,
-               "server_view": server_view(before[0], server.latency_totals())}  # fmt: skip
+               "server_view": server_view(marks[-1], server.latency_totals())}  # fmt: skip
         print("    " + point_line(row), flush=True)
         if cpu.other <= args.retry_other_pct:
             break

@@ -27,7 +27,7 @@ class Flight:
     prefill_id: str = ""  # kept once prefill leaves `holders`: it may still be shipping the KV
     aborted: bool = False
     next_position: int = 0  # output tokens put on the queue so far
-    streamed_last: bool = False  # the finished event is on the queue: nothing follows it
+    closed: bool = False  # the finished event is on the queue, or the request failed: nothing follows
     ahead: dict[int, TokenEvent] = field(default_factory=dict)  # came before their turn, by position
     handed_from: str = ""  # a decode instance handing the request off, until the target's tokens come
     clock: StageClock = field(default_factory=StageClock)
@@ -40,17 +40,22 @@ class Flight:
         Each connection keeps its own order, but one may overtake another, so an event that comes
         early waits here for the ones before it; one already delivered (a repeat), and anything after
         the event that ended the stream, is dropped.
-        False when too many wait: a stage sends positions that never close up (its request fails)."""
-        if position < self.next_position or self.streamed_last:
+        False, once, when too many wait: a stage sends positions that never close up (the caller
+        fails the request; what comes for it later is dropped)."""
+        if position < self.next_position or self.closed:
             return True
         if position > self.next_position:
             self.ahead[position] = event
-            return len(self.ahead) <= MAX_AHEAD
+            if len(self.ahead) <= MAX_AHEAD:
+                return True
+            self.closed = True
+            self.ahead.clear()
+            return False
         while True:
             self.queue.put_nowait(event)
             self.next_position += len(event.token_ids)
             if event.finished:
-                self.streamed_last = True
+                self.closed = True
                 self.ahead.clear()
                 return True
             event = self.ahead.pop(self.next_position, None)

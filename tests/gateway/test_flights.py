@@ -58,6 +58,8 @@ def test_positions_that_never_close_up_are_refused_past_the_cap() -> None:
     flight = Flight(asyncio.Queue())
     results = [flight.deliver(10 + k, TokenEvent([k])) for k in range(MAX_AHEAD + 1)]
     assert all(results[:MAX_AHEAD]) and not results[-1]
+    assert flight.deliver(10 + MAX_AHEAD + 1, TokenEvent([0])), "the request fails once, not per update"
+    assert not flight.ahead
     assert _drain(flight) == []
 
 
