@@ -184,7 +184,8 @@ def test_a_prefill_becomes_decode_and_a_decode_becomes_prefill_under_load(stack,
     assert len(answers) >= CLIENTS
     assert [text for which, text in answers] == [expected[which] for which, _ in answers]
     after = stack.admin("/admin/instances")
-    assert after["handoffs"] > before["handoffs"]  # d1 moved requests that were decoding there
+    # d1 moved requests that were decoding there (seen failing in CI, cause not yet known: the logs tell)
+    assert after["handoffs"] > before["handoffs"], f"{after}\n{stack.logs()}"
     stack.wait(lambda i: _all_free(i) and all(r["inflight"] == 0 for r in i.values()), "all KV free")
     assert all(p.poll() is None for p in stack.procs.values())  # nobody restarted or died
 
