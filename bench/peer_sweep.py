@@ -35,6 +35,7 @@ from bench.peer_systems import CpuWindow, Peer, Server, System, server_view, wai
 
 DEFAULT_SYSTEMS = "vllm:0-1,vllm:auto,epd:EPD1,epd:E1 PD1,epd:E1 P1 D1"
 SUSTAINED = 0.9  # SLO attainment a rate must keep to count as sustained
+MARGIN = 1.3  # the goodput ratio the issue asks for where vLLM's best binding first falls below SUSTAINED
 
 
 def seed_of(run: int, rate_index: int, attempt: int = 0) -> int:
@@ -112,7 +113,9 @@ def server_line(view: dict | None) -> str:
 
 
 def summary(rows: list[dict], rates: list[float]) -> dict:
-    """Per run: goodput table, best-ours / best-vLLM per rate, highest sustained rate per system."""
+    """Per run: goodput table, best-ours / best-vLLM per rate, highest sustained rate per system, and
+    vLLM's knee: the lowest rate where its best binding's attainment falls below 90%, with our ratio
+    there and the most any ratio can be there (a system at 100% has at most 1/attainment the goodput)."""
     out: dict = {}
     for run in sorted({r["run"] for r in rows}):
         mine = [r for r in rows if r["run"] == run]
@@ -127,8 +130,20 @@ def summary(rows: list[dict], rates: list[float]) -> dict:
         for s in systems:
             ok = [rate for rate in rates if (s, rate) in at and at[s, rate]["attainment"] >= SUSTAINED]
             sustained[s] = max(ok) if ok else None
-        out[run] = {"ours_best_over_vllm_best": ratios, "highest_sustained_rate": sustained}
+        out[run] = {"ours_best_over_vllm_best": ratios, "highest_sustained_rate": sustained,
+                    "vllm_knee": knee(at, systems, rates, ratios)}  # fmt: skip
     return out
+
+
+def knee(at: dict, systems: list[str], rates: list[float], ratios: dict) -> dict | None:
+    vllm = [s for s in systems if s.startswith("vLLM")]
+    for rate in rates:
+        best = max((at[s, rate]["attainment"] for s in vllm if (s, rate) in at), default=None)
+        if best is not None and best < SUSTAINED and rate in ratios:
+            bound = 1 / best if best > 0 else float("inf")
+            return {"rate": rate, "vllm_best_attainment": best, "ratio": ratios[rate],
+                    "most_possible_ratio": bound, "met": ratios[rate] >= MARGIN}  # fmt: skip
+    return None
 
 
 def print_tables(rows: list[dict], rates: list[float], summ: dict) -> None:
@@ -153,6 +168,13 @@ def print_tables(rows: list[dict], rates: list[float], summ: dict) -> None:
             f"{'ours/vLLM':<14}"
             + "".join(f"{f'{ratio[rate]:.2f}x' if rate in ratio else '-':>30}" for rate in rates)
         )
+        k = s["vllm_knee"]
+        if k is None:
+            print("vLLM's best binding kept 90% attainment at every rate")
+        else:
+            print(f"vLLM's best binding first falls below 90% at {k['rate']:g} req/s ({k['vllm_best_attainment']:.0%}):"
+                  f" ours/vLLM {k['ratio']:.2f}x there (at most {k['most_possible_ratio']:.2f}x possible),"
+                  f" {MARGIN}x {'met' if k['met'] else 'not met'}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,17 @@ def test_summary_ratio_of_bests_and_highest_sustained_rate():
     assert s["highest_sustained_rate"] == {
         "vLLM 0-1": 2, "vLLM auto": 2, "EPD1": 6, "E1 P1 D1": 6,
     }  # fmt: skip
+    # vLLM's best binding first falls below 90% at 6 req/s (85%, `auto`): ours is 1.3x there, of at
+    # most 1/0.85 possible
+    assert s["vllm_knee"] == {
+        "rate": 6, "vllm_best_attainment": 0.85, "ratio": pytest.approx(1.3),
+        "most_possible_ratio": pytest.approx(1 / 0.85), "met": True,
+    }  # fmt: skip
+
+
+def test_no_knee_when_vllm_keeps_its_slo_everywhere():
+    rows = [row(1, "vLLM 0-1", 2, 1.9, 0.95), row(1, "EPD1", 2, 1.95, 1.0)]
+    assert summary(rows, [2])[1]["vllm_knee"] is None
 
 
 def test_server_view_is_the_mean_over_the_requests_between_two_readings():
