@@ -31,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from services.models.encoder_dtype import set_encoder_dtype
     from services.models.loader import load_model
     from services.models.tiny import ensure_tiny_model
 
@@ -41,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = args.dtypes.split(",")
     families = {}
     for dtype in dtypes:
-        family = load_model(path, roles="E").family
-        set_encoder_dtype(family, dtype)
-        families[dtype] = family
+        families[dtype] = load_model(path, roles="E", encoder_dtype=dtype).family
     w, h = (int(x) for x in args.image_size.lower().split("x"))
     rng = np.random.default_rng(0)
     report: dict = {"image_size": args.image_size, "runs": {}}

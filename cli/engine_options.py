@@ -61,8 +61,8 @@ def swap_gib(text: str) -> float:
 
 
 def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, stack: bool) -> None:
-    """--kv-cache-memory, --gpu-memory-utilization, --swap-space, --attention-backend, --enforce-eager,
-    --kv-staging; with `stack` (up, bench) the memory share is per device and --devices/--devices-for
+    """--kv-cache-memory, --gpu-memory-utilization, --swap-space, --attention-backend, --linear-backend,
+    --enforce-eager, --kv-staging; with `stack` (up, bench) the memory share is per device and --devices/--devices-for
     come too."""
     each = "per process, " if stack else ""
     p.add_argument("--kv-cache-memory", type=kv_cache_mib, default=None, metavar="MiB",
@@ -83,6 +83,10 @@ def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels: auto (default: flex on CUDA, sdpa elsewhere), sdpa (SDPA "
                         "over gathered blocks, the reference), flex (FlexAttention over the block pool)")  # fmt: skip
+    p.add_argument("--linear-backend", default="auto", choices=("auto", "onednn", "torch"),
+                   help="CPU linear layers: auto (default) and onednn pack their weights once for "
+                        "oneDNN's matmul (faster for decode and prefill rows than torch's BLAS call); "
+                        "torch keeps F.linear. Accelerators always use torch's")  # fmt: skip
     p.add_argument("--encoder-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="dtype of the vision (or audio) encoder of processes that encode (default auto: "
                         "the --dtype of the rest); bfloat16 runs a CPU encoder about twice as fast "

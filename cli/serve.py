@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len, swap_space_bytes=int(args.swap_space * 2**30),
             threads=args.threads, keys=keys, enable_prefix_caching=args.enable_prefix_caching,
             encoder_dtype=None if args.encoder_dtype == "auto" else args.encoder_dtype,
-            encode_batch_tokens=args.encoder_batch_tokens,
+            encode_batch_tokens=args.encoder_batch_tokens, linear_backend=args.linear_backend,
         )  # fmt: skip
     except ValueError as exc:
         print(f"epd-serve serve: error: {exc}", file=sys.stderr)

@@ -54,6 +54,7 @@ class StackConfig:
     enable_prefix_caching: bool = True
     encoder_dtype: str = "auto"
     encoder_batch_tokens: int = 8192
+    linear_backend: str = "auto"  # CPU linear layers: auto, onednn, torch (services/models/packed_linear.py)
     threads: int = 1
     cpus: list[str] = field(default_factory=list)  # per process, in topology order
     allowed_local_media_dirs: list[str] = field(default_factory=list)
@@ -170,6 +171,8 @@ class Stack:
                 cmd += ["--encoder-dtype", c.encoder_dtype]
         if c.kv_staging != "auto":
             cmd += ["--kv-staging", c.kv_staging]
+        if c.linear_backend != "auto":
+            cmd += ["--linear-backend", c.linear_backend]
         if c.dtype:
             cmd += ["--dtype", c.dtype]
         if c.max_model_len:

@@ -38,6 +38,9 @@ class HostConfig:
     encoder_dtype: str | None = (
         None  # the encoder's own dtype (services/models/encoder_dtype.py); None: dtype
     )
+    # CPU linear layers: auto and onednn pack their weights for oneDNN, torch leaves them to F.linear
+    # (services/models/packed_linear.py)
+    linear_backend: str = "auto"
     encode_cache_bytes: int = 512 * 2**20
     max_encode_batch: int = 16  # items of one encoder call
     encode_batch_tokens: int = 8192  # encoder output tokens of one encoder call (one item may be over)

@@ -182,7 +182,7 @@ async def bench(args: argparse.Namespace, model_dir: str | None) -> dict[str, An
         devices_for=list(args.devices_for),
         max_num_seqs=args.max_num_seqs, swap_space=args.swap_space, ready_timeout=args.ready_timeout,
         enable_prefix_caching=args.enable_prefix_caching, encoder_dtype=args.encoder_dtype,
-        encoder_batch_tokens=args.encoder_batch_tokens,
+        encoder_batch_tokens=args.encoder_batch_tokens, linear_backend=args.linear_backend,
     )  # fmt: skip
     targets: list[tuple[str, Callable[[], Any]]]
     if args.base_url:

@@ -33,5 +33,11 @@ def set_encoder_dtype(family: Any, dtype: str) -> None:
             module = getattr(module, name, None)
             if module is None:
                 break
-        if module is not None:
-            module.to(target)
+        if module is None:
+            continue
+        if any(p.is_mkldnn and p.dtype != target for p in module.parameters()):
+            raise ValueError(
+                f"the encoder's linear layers are packed for oneDNN in another dtype; pass "
+                f"encoder_dtype={dtype!r} to load_model, which casts before it packs"
+            )
+        module.to(target)

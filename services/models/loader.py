@@ -83,6 +83,8 @@ def load_model(
     dtype: str | None = None,
     attention: str | None = None,
     roles: str = "EPD",
+    encoder_dtype: str | None = None,
+    linear_backend: str = "auto",
 ) -> LoadedModel:
     """Load weights, tokenizer, the family's preprocessor (image processor and video settings, or audio
     feature extractor); `attention` names the text attention implementation
@@ -90,7 +92,10 @@ def load_model(
     services/models/patch_embed.py; "sdpa" gives transformers' stock model for references).
 
     `roles` (some of "EPD") says which weights: the vision tower (or audio encoder) for E, the language
-    model, embeddings and lm_head for P and D."""
+    model, embeddings and lm_head for P and D. `encoder_dtype` casts the encoder part
+    (services/models/encoder_dtype.py). On a CPU the linear layers are then packed for oneDNN
+    (services/models/packed_linear.py) unless `linear_backend` is "torch" or the stock reference
+    modules were asked for; packing comes last, since a packed weight cannot be cast."""
     model_type = read_model_type(path)
     folder = Path(path).resolve()
     try:
@@ -103,7 +108,12 @@ def load_model(
     from transformers import AutoTokenizer
 
     from services.engine.attention import register_paged_attention
+    from services.models.encoder_dtype import set_encoder_dtype
+    from services.models.packed_linear import MODES, pack_linears
     from services.models.patch_embed import use_linear_patch_embed
+
+    if linear_backend not in MODES:
+        raise ModelLoadError(f"linear backend must be one of {', '.join(MODES)}, got {linear_backend!r}")
 
     reference = attention is not None  # transformers' stock modules, as the oracle tests want them
     if attention is None:
@@ -129,4 +139,8 @@ def load_model(
         use_linear_patch_embed(model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     family = cls(model, cls.load_image_processor(str(folder)), read_video_config(folder))
+    if encoder_dtype:
+        set_encoder_dtype(family, encoder_dtype)
+    if not reference and device == "cpu":
+        pack_linears(model, linear_backend)
     return LoadedModel(folder, model_type, family, tokenizer, _eos_ids(folder, tokenizer), parts)

@@ -33,6 +33,7 @@ def test_help_states_every_new_default(command):
     assert "--kv-cache-memory MiB" in text and "(default auto:" in text and "256 MiB on cpu" in text
     assert "--gpu-memory-utilization F" in text and "(default 0.9; 0 < F <= 1)" in text
     assert "--attention-backend {auto,sdpa,flex}" in text and "auto (default:" in text
+    assert "--linear-backend {auto,onednn,torch}" in text and "auto (default) and onednn pack" in text
     assert "--enforce-eager" in text and "no CUDA graphs" in text and "(default: graphs and compiled" in text
     assert (
         "--swap-space GiB" in text and "host memory" in text and "(default 4, as vLLM; 0: never swap)" in text
@@ -51,6 +52,8 @@ def test_help_states_every_new_default(command):
          "a fraction above 0 and at most 1"),
         (["up", "--kv-cache-memory", "0"], "bad --kv-cache-memory '0': a whole number of MiB, or auto"),
         (["up", "--attention-backend", "flash"], "invalid choice: 'flash'"),
+        (["serve", "--roles", "E", "--gateway", "tcp://x:1", "--model", "m", "--linear-backend", "mkl"],
+         "invalid choice: 'mkl'"),
         (["up", "--swap-space", "-1"], "bad --swap-space '-1': GiB of host memory, a number >= 0"),
         (["bench", "--swap-space", "nan"], "bad --swap-space 'nan'"),
         (["up", "--device", "cuda", "--devices", "0,x"], "write device indices like 0 or 0,1,2"),
@@ -112,6 +115,9 @@ def test_up_on_cpu_keeps_the_environment_and_mib():
     parsed = [serve_args(stack, i) for i in range(2)]
     assert [(a.device, a.kv_cache_memory, a.gpu_memory_utilization) for a in parsed] == [("cpu", 16, 0.9)] * 2
     assert [a.attention_backend for a in parsed] == ["auto", "auto"] and not parsed[0].enforce_eager
+    assert [a.linear_backend for a in parsed] == ["auto", "auto"]
+    torch_linears = Stack(StackConfig("model", parse_topology("EP1 D1"), linear_backend="torch"))
+    assert [serve_args(torch_linears, i).linear_backend for i in range(2)] == ["torch", "torch"]
     for env in stack.envs:  # this environment, plus the stack's keys; on cpu no visible-devices variable
         assert env is not None and "CUDA_VISIBLE_DEVICES" not in {**env}.keys() - os.environ.keys()
         assert StackKeys.from_environment(env) == stack.config.keys

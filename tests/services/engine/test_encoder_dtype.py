@@ -16,8 +16,7 @@ from tests.services.engine.test_fidelity import prompt
 
 
 def test_a_bfloat16_encoder_matches_transformers_with_the_same_cast(tiny_qwen2_vl):
-    loaded = load_model(tiny_qwen2_vl)
-    set_encoder_dtype(loaded.family, "bfloat16")
+    loaded = load_model(tiny_qwen2_vl, encoder_dtype="bfloat16")
     assert next(loaded.family.visual.parameters()).dtype == torch.bfloat16
     assert loaded.family.dtype == torch.float32  # the language model (and the KV) stay as they were
     images = [make_image(140, 100, seed=1), make_image(84, 112, seed=2)]

@@ -34,12 +34,12 @@ def checkpoint(request, tiny_qwen2_vl, tiny_qwen2_5_vl) -> Path:
 
 @pytest.fixture(scope="module")
 def full(checkpoint):
-    return load_model(checkpoint)
+    return load_model(checkpoint, linear_backend="torch")
 
 
 @pytest.fixture(scope="module")
 def encoder(checkpoint):
-    return load_model(checkpoint, roles="E")
+    return load_model(checkpoint, roles="E", linear_backend="torch")
 
 
 def count(module) -> int:
@@ -85,7 +85,7 @@ def engine_generate(lm, features, ids, items, max_tokens):
 
 @pytest.mark.parametrize("roles", ["P", "D", "PD"])
 def test_a_load_without_encode_has_the_language_model_and_no_vision_tower(checkpoint, full, roles):
-    lm = load_model(checkpoint, roles=roles)
+    lm = load_model(checkpoint, roles=roles, linear_backend="torch")
     fam = lm.family
     assert lm.parts == {"text"} and fam.visual is None
     names = [n for n, _ in fam.model.named_parameters()]
@@ -130,7 +130,7 @@ def test_encode_only_features_equal_the_whole_models_exactly(checkpoint, full, e
 
 @pytest.mark.parametrize("roles", ["P", "D", "PD"])
 def test_encode_and_language_model_loads_together_match_generate(checkpoint, encoder, roles):
-    lm = load_model(checkpoint, roles=roles)
+    lm = load_model(checkpoint, roles=roles, linear_backend="torch")
     ids, items = image_prompt(encoder)
     features = encoder.family.encode(items)
     ref_tokens, ref_logits = hf_greedy(checkpoint, encoder.family, ids, items, 24)
@@ -154,7 +154,7 @@ def test_tied_embeddings_are_tied_in_a_load_without_encode(checkpoint, encoder, 
     )
     model = hf_model(str(tied))
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight, "oracle is not tied"
-    lm = load_model(tied, roles="PD")
+    lm = load_model(tied, roles="PD", linear_backend="torch")
     fam = lm.family
     assert fam.lm_head.weight is fam.language_model.embed_tokens.weight
     assert count(fam.model) == count(model) - count(model.model.visual)
@@ -163,7 +163,7 @@ def test_tied_embeddings_are_tied_in_a_load_without_encode(checkpoint, encoder, 
     tokens, logits = engine_generate(lm, encoder.family.encode(items), ids, items, 16)
     assert tokens == ref_tokens
     assert max_logit_diff(logits, ref_logits) < TOL
-    assert load_model(tied, roles="E").family.lm_head is None
+    assert load_model(tied, roles="E", linear_backend="torch").family.lm_head is None
 
 
 def test_tied_config_with_two_different_stored_copies_keeps_them_apart_as_transformers_does(
@@ -174,7 +174,7 @@ def test_tied_config_with_two_different_stored_copies_keeps_them_apart_as_transf
     )
     model = hf_model(str(both))
     assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight
-    fam = load_model(both, roles="P").family
+    fam = load_model(both, roles="P", linear_backend="torch").family
     assert fam.lm_head.weight is not fam.language_model.embed_tokens.weight
     assert torch.equal(fam.lm_head.weight, model.lm_head.weight)
 
@@ -196,7 +196,7 @@ def test_both_checkpoint_layouts_load_the_same_tensors(checkpoint, tmp_path, rol
     ref = hf_model(str(checkpoint)).state_dict()
     for name, t in hf_model(str(renamed)).state_dict().items():  # transformers reads this layout too
         assert torch.equal(t, ref[name]), name
-    ours = load_model(renamed, roles=roles).family.model.state_dict()
+    ours = load_model(renamed, roles=roles, linear_backend="torch").family.model.state_dict()
     assert ours and all(torch.equal(t, ref[name]) for name, t in ours.items())
 
 
@@ -207,13 +207,13 @@ def test_the_vision_weights_are_not_needed_without_encode(checkpoint, tmp_path):
         tmp_path / "no-vision",
         edit_tensors=lambda t: [t.pop(k) for k in list(t) if k.startswith("visual.")],
     )
-    lm = load_model(no_vision, roles="P")
+    lm = load_model(no_vision, roles="P", linear_backend="torch")
     ref = hf_model(str(checkpoint)).state_dict()
     assert all(torch.equal(t, ref[name]) for name, t in lm.family.model.state_dict().items())
     with pytest.raises(ModelLoadError, match=r"roles E: the checkpoint has no tensor for model\.visual\."):
-        load_model(no_vision, roles="E")
+        load_model(no_vision, roles="E", linear_backend="torch")
 
 
 def test_bad_roles_are_refused(checkpoint):
     with pytest.raises(ModelLoadError, match="roles must be some of"):
-        load_model(checkpoint, roles="X")
+        load_model(checkpoint, roles="X", linear_backend="torch")
