@@ -46,7 +46,7 @@ def measure(model: str, roles: str, device: str, dtype: str | None) -> dict:
     tensors = list({id(t): t for t in [*net.parameters(), *net.buffers()]}.values())
     with torch.inference_mode():
         for t in tensors:  # read every weight once, as serving does: pages of a mapped file come in
-            t.sum()
+            (t.to_dense() if t.is_mkldnn else t).sum()  # a linear weight packed for oneDNN: read it out
     touched = _status()
     kv_token = 0
     if fam.language_model is not None:  # K and V of every layer for one token
