@@ -3,8 +3,8 @@
 `F.linear` on a CPU calls the BLAS library torch was built with (MKL on x86). For the few rows of a
 decode step (and the few hundred of a prefill chunk or an image) oneDNN's matmul, with the weight
 reordered once into its own blocked layout, is faster: on an AMD EPYC machine a decode step of the
-`small` checkpoint at batch 16 took 1.36x to 1.44x less time and the encoder 1.16x to 1.25x
-(`python -m bench.packed_linear`; docs/benchmarks.md). vLLM's CPU backend packs its linear weights
+`small` checkpoint ran 1.21x to 1.27x faster at batch 8 and 16 on one thread, 1.69x to 1.84x on two,
+and the encoder 1.15x to 1.20x (`python -m bench.packed_linear`; docs/benchmarks.md). vLLM's CPU backend packs its linear weights
 for oneDNN in the same way.
 
 The layer stays an `nn.Linear` (hooks, `isinstance` checks and the module tree are unchanged); its
