@@ -59,7 +59,9 @@ class Timers:
                 h.remove()
 
 
-def _engine(model, args):
+def engine_at_batch(model, args):
+    """An engine over `model` with `args.batch` sequences of `args.context`-token prompts, prefilled and
+    a few steps into decoding: every later step is a pure decode step at that batch."""
     from common.sampling_params import SamplingParams
     from services.engine.config import EngineConfig
     from services.engine.engine import Engine
@@ -84,7 +86,8 @@ def _engine(model, args):
     return engine
 
 
-def _steps(engine, n: int) -> float:
+def mean_step_seconds(engine, n: int) -> float:
+    """Mean wall time of the engine's next `n` steps."""
     start = time.perf_counter()
     for _ in range(n):
         engine.step()
@@ -96,8 +99,8 @@ def breakdown(model, args) -> dict:
 
     from services.engine import model_runner
 
-    engine = _engine(model, args)
-    plain = _steps(engine, args.steps)
+    engine = engine_at_batch(model, args)
+    plain = mean_step_seconds(engine, args.steps)
     timers = Timers()
     runner, fam = engine.runner, model.family
     timers.wrap(engine.scheduler, "schedule", "schedule")
@@ -110,7 +113,7 @@ def breakdown(model, args) -> dict:
     linears = [m for m in fam.language_model.modules() if isinstance(m, torch.nn.Linear)]
     attn = [m for n, m in fam.language_model.named_modules() if n.endswith("self_attn")]
     with timers.hooks(linears, "linear layers"), timers.hooks(attn, "attention module (incl. its linears)"):
-        timed = _steps(engine, args.steps)
+        timed = mean_step_seconds(engine, args.steps)
     s = {k: v / args.steps for k, v in timers.seconds.items()}
     attention_core = s["attention module (incl. its linears)"] - _attn_linear_share(s, fam, attn)
     rows = {

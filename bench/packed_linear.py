@@ -24,14 +24,14 @@ MODES = ("torch", "onednn")
 
 
 def decode_steps(models: dict, batch: int, context: int, steps: int) -> dict:
-    from bench.decode_breakdown import _engine, _steps
+    from bench.decode_breakdown import engine_at_batch, mean_step_seconds
 
     args = types.SimpleNamespace(batch=batch, context=context, steps=steps)
-    engines = {m: _engine(models[m], args) for m in MODES}
+    engines = {m: engine_at_batch(models[m], args) for m in MODES}
     best = dict.fromkeys(MODES, float("inf"))
     for _ in range(ROUNDS):
         for m in MODES:
-            best[m] = min(best[m], _steps(engines[m], steps // ROUNDS) * 1e3)
+            best[m] = min(best[m], mean_step_seconds(engines[m], steps // ROUNDS) * 1e3)
     tokens = {m: [s.token_ids for s in engines[m].scheduler.requests.values()] for m in MODES}
     same = sum(a == b for a, b in zip(tokens["torch"], tokens["onednn"], strict=True))
     return {**best, "same_tokens": f"{same}/{batch}"}

@@ -62,8 +62,8 @@ def swap_gib(text: str) -> float:
 
 def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, stack: bool) -> None:
     """--kv-cache-memory, --gpu-memory-utilization, --swap-space, --attention-backend, --linear-backend,
-    --enforce-eager, --kv-staging; with `stack` (up, bench) the memory share is per device and --devices/--devices-for
-    come too."""
+    --enforce-eager, --kv-staging; with `stack` (up, bench) the memory share is per device and
+    --devices/--devices-for come too."""
     each = "per process, " if stack else ""
     p.add_argument("--kv-cache-memory", type=kv_cache_mib, default=None, metavar="MiB",
                    help=f"KV pool {each}in MiB, or auto (default auto: what the device has left under "
@@ -86,6 +86,7 @@ def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *
     p.add_argument("--linear-backend", default="auto", choices=("auto", "onednn", "torch"),
                    help="CPU linear layers: auto (default) and onednn pack their weights once for "
                         "oneDNN's matmul (faster for decode and prefill rows than torch's BLAS call); "
+                        "auto leaves a dtype oneDNN cannot run here to F.linear, onednn refuses it; "
                         "torch keeps F.linear. Accelerators always use torch's")  # fmt: skip
     p.add_argument("--encoder-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="dtype of the vision (or audio) encoder of processes that encode (default auto: "

@@ -38,8 +38,8 @@ class HostConfig:
     encoder_dtype: str | None = (
         None  # the encoder's own dtype (services/models/encoder_dtype.py); None: dtype
     )
-    # CPU linear layers: auto and onednn pack their weights for oneDNN, torch leaves them to F.linear
-    # (services/models/packed_linear.py)
+    # CPU linear layers: auto and onednn pack their weights for oneDNN (onednn refuses a dtype it
+    # cannot run), torch leaves them to F.linear (services/models/packed_linear.py)
     linear_backend: str = "auto"
     encode_cache_bytes: int = 512 * 2**20
     max_encode_batch: int = 16  # items of one encoder call

@@ -54,14 +54,10 @@ def build_roles(
     from common.dataplane import create_dataplane, resolve_backend
     from services.models.loader import load_model
 
-    encoder_dtype = c.encoder_dtype if "E" in c.roles else None
-    if model is None:
+    if model is None:  # a role change passes the model it keeps: its tower was cast when it was loaded
         model = load_model(c.model_dir, device=c.device, dtype=c.dtype, roles=c.roles,
-                           encoder_dtype=encoder_dtype, linear_backend=c.linear_backend)  # fmt: skip
-    elif encoder_dtype:  # a role change keeps the model: it was cast when it was loaded
-        from services.models.encoder_dtype import set_encoder_dtype
-
-        set_encoder_dtype(model.family, encoder_dtype)
+                           encoder_dtype=c.encoder_dtype if "E" in c.roles else None,
+                           linear_backend=c.linear_backend)  # fmt: skip
     if dataplane is None:
         backend = resolve_backend(c.dataplane, same_host=True, device=c.device)
         where = {"device": c.device} if backend == "torchdist" else {}  # its library follows the device

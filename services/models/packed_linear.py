@@ -3,9 +3,9 @@
 `F.linear` on a CPU calls the BLAS library torch was built with (MKL on x86). For the few rows of a
 decode step (and the few hundred of a prefill chunk or an image) oneDNN's matmul, with the weight
 reordered once into its own blocked layout, is faster: on an AMD EPYC machine a decode step of the
-`small` checkpoint ran 1.21x to 1.27x faster at batch 8 and 16 on one thread, 1.69x to 1.84x on two,
-and the encoder 1.15x to 1.20x (`python -m bench.packed_linear`; docs/benchmarks.md). vLLM's CPU backend packs its linear weights
-for oneDNN in the same way.
+`small` checkpoint ran 1.21x to 1.27x faster at batch 8 and 16 on one thread, 1.69x to 1.84x on
+two, and the encoder 1.15x to 1.20x (`python -m bench.packed_linear`; docs/benchmarks.md). vLLM's
+CPU backend packs its linear weights for oneDNN in the same way.
 
 The layer stays an `nn.Linear` (hooks, `isinstance` checks and the module tree are unchanged); its
 `weight` becomes the packed tensor, not a copy, so memory does not grow, and its forward calls
@@ -46,27 +46,32 @@ def is_packed(linear: nn.Module) -> bool:
 
 
 def pack_linears(module: nn.Module | None, mode: str = "auto") -> int:
-    """Pack every CPU `nn.Linear` under `module` for oneDNN (mode "auto" or "onednn"; "torch" leaves
-    them to `F.linear`). Layers already packed, on another device, in a dtype oneDNN cannot run here,
-    or sharing their weight with an embedding are left as they are. Returns how many were packed.
-    Idempotent."""
+    """Pack every CPU `nn.Linear` under `module` for oneDNN ("torch" leaves them to `F.linear`).
+    Layers already packed, on another device, or sharing their weight with an embedding are left as
+    they are, and so, with "auto", are those in a dtype oneDNN cannot run here; "onednn" refuses
+    those instead. Returns how many were packed. Idempotent."""
     if mode not in MODES:
         raise ValueError(f"linear backend must be one of {', '.join(MODES)}, got {mode!r}")
     if module is None or mode == "torch":
         return 0
     tied = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    layers = [
+        layer for layer in module.modules()
+        if isinstance(layer, nn.Linear) and not is_packed(layer)
+        and id(layer.weight) not in tied  # an lm_head tied to the embedding: packing would copy it
+        and layer.weight.device.type == "cpu"
+    ]  # fmt: skip
+    unsupported = {layer.weight.dtype for layer in layers if not onednn_supported(layer.weight.dtype)}
+    if unsupported and mode == "onednn":  # refused before anything is packed
+        raise ValueError(f"oneDNN cannot run a {min(map(str, unsupported))} linear layer on this machine")
     packed = 0
-    for layer in module.modules():
-        if not isinstance(layer, nn.Linear) or is_packed(layer):
-            continue
-        if id(layer.weight) in tied:  # an lm_head tied to the embedding: packing would copy it
-            continue
-        w = layer.weight
-        if w.device.type != "cpu" or not onednn_supported(w.dtype):
+    for layer in layers:
+        if layer.weight.dtype in unsupported:
             continue
         with torch.no_grad():
             layer.weight = nn.Parameter(
-                torch.ops.mkldnn._reorder_linear_weight(w.detach(), BATCH_HINT), requires_grad=False
+                torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), BATCH_HINT),
+                requires_grad=False,
             )
         layer.forward = types.MethodType(_packed_forward, layer)
         packed += 1

@@ -57,6 +57,13 @@ def test_packing_is_idempotent_and_leaves_tied_heads_and_torch_mode_alone():
         pack_linears(model, "mkl")
 
 
+def test_onednn_refuses_a_dtype_it_cannot_run_where_auto_leaves_it_to_f_linear():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.float16))
+    with pytest.raises(ValueError, match="oneDNN cannot run a torch.float16 linear layer"):
+        pack_linears(model, "onednn")
+    assert pack_linears(model, "auto") == 1 and is_packed(model[0]) and not is_packed(model[1])
+
+
 def test_a_model_is_packed_on_cpu_unless_asked_not_to(tiny_qwen2_vl):
     def packed(loaded) -> tuple[int, int]:
         layers = [m for m in loaded.family.model.modules() if isinstance(m, nn.Linear)]
