@@ -16,7 +16,11 @@ from typing import Any
 def expand_placeholders(
     token_ids: list[int], placeholder_id: int, counts: list[int], kind: str = "image"
 ) -> list[int]:
-    """Replace the i-th `placeholder_id` by `counts[i]` copies of it (`kind` names the items in errors)."""
+    """Replace the i-th `placeholder_id` by `counts[i]` copies of it (`kind` names the items in errors).
+
+    With no items of the kind (`counts` empty), placeholders in the text are plain tokens and stay."""
+    if not counts:
+        return list(token_ids)
     found = token_ids.count(placeholder_id)
     if found != len(counts):
         raise ValueError(f"the prompt has {found} {kind} placeholders but {len(counts)} {kind}s were given")

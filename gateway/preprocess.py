@@ -168,22 +168,28 @@ class Preprocessor:
         )
 
     def _expand(self, token_ids: list[int], media: list[ImageInput], param: str) -> list[int]:
-        """Each kind's placeholders, one per item of that kind, expanded to the item's token count."""
+        """Each kind's placeholders, one per item of that kind, expanded to the item's token count.
+
+        A placeholder of a kind the request has no items of is an ordinary token (no features, a text
+        M-RoPE position), as vLLM serves it: random or pasted text may hold a literal `<|video_pad|>`.
+        Where the request does have items of that kind, one more typed in the text would leave it
+        unclear which run is which item, so that is refused (transformers' processor fails on it)."""
         pads = (
             ("image", self.image_token_id),
             ("video", self.video_token_id),
             ("audio", self.audio_token_id),
         )
         for kind, pad in pads:
-            if pad is None:
-                continue
             counts = [item.num_tokens for item in media if item.kind == kind]
+            if pad is None or not counts:
+                continue
             found = token_ids.count(pad)
             if found != len(counts):
                 noun = "audio clips" if kind == "audio" else f"{kind}s"
                 raise bad_request(
                     f"the prompt has {found} {kind} placeholder tokens but the request has {len(counts)} "
-                    f"{noun} ({kind} placeholder tokens may not appear in text)",
+                    f"{noun} ({kind} placeholder tokens may not appear in the text of a request that "
+                    f"carries {noun})",
                     param=param,
                 )
             if kind == "video" and self.video_stamps is not None:

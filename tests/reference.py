@@ -53,7 +53,9 @@ def hf_greedy(
     if second_per_grid_ts is not None and "video" in kinds and model.config.model_type == "qwen2_5_vl":
         videos = [s for s, k in zip(second_per_grid_ts, kinds, strict=True) if k == "video"]
         kwargs["second_per_grid_ts"] = torch.tensor(videos)
-    types = (ids == family.image_token_id).int() + 2 * (ids == family.video_token_id).int()
+    # M-RoPE types of the kinds the prompt has items of: a placeholder of another kind is text
+    types = ("image" in kinds) * (ids == family.image_token_id).int()
+    types = types + 2 * ("video" in kinds) * (ids == family.video_token_id).int()
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),

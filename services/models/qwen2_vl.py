@@ -157,9 +157,10 @@ class Qwen2VLFamily:
             return ModelInputs()
         kinds = kinds or ["image"] * len(grids)
         ids = torch.tensor([token_ids], dtype=torch.long)
-        types = torch.zeros_like(ids, dtype=torch.int)
-        types[ids == self.image_token_id] = MM_TOKEN_TYPES["image"]
-        types[ids == self.video_token_id] = MM_TOKEN_TYPES["video"]
+        types = torch.zeros_like(ids, dtype=torch.int)  # a placeholder of a kind with no items is text
+        for kind, pad in (("image", self.image_token_id), ("video", self.video_token_id)):
+            if kind in kinds:
+                types[ids == pad] = MM_TOKEN_TYPES[kind]
         indices = types[0].nonzero().flatten().tolist()
         embeds = torch.cat(features).to(self.device, self.dtype)
         if len(indices) != embeds.shape[0]:

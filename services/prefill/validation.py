@@ -91,8 +91,9 @@ def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
     """Each item's grid must merge into whole tokens, and the prompt's placeholders come in one run
     per item (a Qwen3-VL video: one per temporal patch, `video_runs_per_patch`) of exactly that many
     tokens, of the item's kind (image, video or audio), in order: what the M-RoPE positions are
-    computed from. (`num_tokens` says the same for whoever reads the message; the grid decides here.
-    An audio clip's grid is (1, 1, tokens), with the audio family's merge 1.)"""
+    computed from. A placeholder of a kind the message has no items of is an ordinary text token.
+    (`num_tokens` says the same for whoever reads the message; the grid decides here. An audio clip's
+    grid is (1, 1, tokens), with the audio family's merge 1.)"""
     if not msg.mm:
         return None
     pads = {"image": lim.image_token_id, "video": lim.video_token_id, "audio": lim.audio_token_id}
@@ -114,7 +115,8 @@ def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
         s = ref.second_per_grid_t
         if ref.kind == "video" and not (math.isfinite(s) and 0 < s <= MAX_SECOND_PER_GRID_T):
             return f"mm[{i}].second_per_grid_t must be in (0, {MAX_SECOND_PER_GRID_T:g}], got {s}"
-    kind_of = {tok: kind for kind, tok in pads.items() if tok is not None}
+    present = {ref.kind for ref in msg.mm}  # a placeholder of a kind with no items is a text token
+    kind_of = {tok: kind for kind, tok in pads.items() if tok is not None and kind in present}
     runs = [
         (kind, len(list(g))) for kind, g in itertools.groupby(msg.token_ids, kind_of.get) if kind is not None
     ]

@@ -18,7 +18,11 @@ def test_expand_placeholders_in_order() -> None:
     assert expand_placeholders([1, 2], PAD, []) == [1, 2]
 
 
-@pytest.mark.parametrize("counts", [[], [4], [4, 4, 4]])
+def test_placeholders_of_a_kind_with_no_items_are_plain_tokens() -> None:
+    assert expand_placeholders([1, PAD, 2], PAD, []) == [1, PAD, 2]
+
+
+@pytest.mark.parametrize("counts", [[4], [4, 4, 4]])
 def test_expand_placeholders_rejects_a_count_mismatch(counts: list[int]) -> None:
     with pytest.raises(ValueError, match="2 image placeholders"):
         expand_placeholders([PAD, 1, PAD], PAD, counts)

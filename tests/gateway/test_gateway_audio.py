@@ -177,7 +177,7 @@ async def test_placeholders_typed_in_text_are_refused(audio_client) -> None:
     client = await audio_client()
     await refused(
         client, [{"type": "text", "text": "<|AUDIO|>"}, input_audio(WAV)], "messages",
-        "audio placeholder tokens may not appear in text",
+        "audio placeholder tokens may not appear in the text of a request that carries audio clips",
     )  # fmt: skip
 
 

@@ -90,7 +90,7 @@ def bad_prefills(loaded):
                         )
                     ]
                 },
-                "runs of [image 20], the items make [video 20]",
+                "runs of [], the items make [video 20]",  # the image pads are text: no image item
             ),
             (
                 "a video without its seconds",

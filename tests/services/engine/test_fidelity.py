@@ -30,6 +30,9 @@ CASES = {
     "text_only": ("Tell me a story about a red fox.", []),
     "one_image": ("What is in this picture?", [(140, 100)]),
     "two_images_of_different_sizes": ("Compare the two pictures.", [(224, 168), (84, 308)]),
+    # placeholders of a kind the prompt has no items of are ordinary tokens, in transformers as here
+    "a_video_pad_typed_beside_an_image": ("Is <|video_pad|> in this picture?", [(140, 100)]),
+    "placeholders_typed_in_text_only": ("Is <|image_pad|> a <|video_pad|>?", []),
 }
 
 
@@ -39,6 +42,8 @@ def test_greedy_matches_transformers(case, checkpoint, loaded):
     images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
     llm = LLM(loaded, EngineConfig(num_blocks=128, max_model_len=2048), keep_logits=True)
     ids, items = prompt(loaded, text, images)
+    if "_pad|>" in text:  # the typed placeholder is one token of its own
+        assert loaded.family.video_token_id in ids
     ref_tokens, ref_logits = hf_greedy(checkpoint, loaded.family, ids, items, 24)
     out = llm.generate(text, images, SamplingParams(max_tokens=24))
     diff = max_logit_diff(out.logits, ref_logits)
