@@ -184,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int, default=160, help="measured requests per rate (160)")
     p.add_argument("--warmups", type=int, default=8, help="warm-up requests before each rate (8)")
     p.add_argument("--runs", default="1,2", help="run numbers, comma-separated; each its own seeds (1,2)")
-    p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f'comma-separated ("{DEFAULT_SYSTEMS}")')
+    p.add_argument("--systems", default=DEFAULT_SYSTEMS,
+                   help=f'comma-separated ("{DEFAULT_SYSTEMS}"); an epd system may name `epd-serve up` '
+                        'flags after its topology, to compare settings in one run ("epd:EPD1 '
+                        '--encoder-thread off")')  # fmt: skip
     p.add_argument("--client", default="vllm",
                    help="load generator: vllm (`vllm bench serve`), epd (`epd-serve bench`), or both, "
                         "vllm,epd: each rate then runs once per client on the same server (vllm)")  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import resource
 import signal
 import subprocess
@@ -83,6 +84,17 @@ class System:
         return f"vLLM {self.arg}" if self.kind == "vllm" else self.arg
 
     @property
+    def topology(self) -> str:
+        """An EPD-Serve system's topology: its spec up to the first flag ("EPD1 --encoder-thread off")."""
+        return self.arg.split(" --", 1)[0].strip()
+
+    @property
+    def flags(self) -> list[str]:
+        """The `epd-serve up` flags written after the topology, so one sweep can compare settings."""
+        rest = self.arg[len(self.arg.split(" --", 1)[0]) :]
+        return shlex.split(rest)
+
+    @property
     def ready_path(self) -> str:
         return "/v1/models" if self.kind == "vllm" else "/health"
 
@@ -97,8 +109,9 @@ class Server:
                    "--max-model-len", "4096", *vllm_extra]  # fmt: skip
             env = {**peer.env(), "VLLM_CPU_OMP_THREADS_BIND": system.arg}
         else:
-            cmd = [".venv/bin/epd-serve", "up", "--model", model, "--topology", system.arg, "--host", "127.0.0.1",
-                   "--port", str(port), "--dtype", "float32", "--max-model-len", "4096"]  # fmt: skip
+            cmd = [".venv/bin/epd-serve", "up", "--model", model, "--topology", system.topology, "--host",
+                   "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "4096",
+                   *system.flags]  # fmt: skip
             env = dict(os.environ)
         self.log = open(log, "ab")  # noqa: SIM115 (closed in stop)
         self.started = time.monotonic()

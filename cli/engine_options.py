@@ -88,6 +88,11 @@ def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *
                         "oneDNN's matmul (faster for decode and prefill rows than torch's BLAS call); "
                         "auto leaves a dtype oneDNN cannot run here to F.linear, onednn refuses it; "
                         "torch keeps F.linear. Accelerators always use torch's")  # fmt: skip
+    p.add_argument("--encoder-thread", default="auto", choices=("auto", "on", "off"),
+                   help="processes that encode and prefill (EPD1, EP1): run each encoder call on a thread "
+                        "of its own while the engine keeps stepping, the process's threads shared between "
+                        "the two, so running decodes do not wait for it; auto (default): on for cpu, off "
+                        "on accelerators (their kernels queue behind the engine's anyway)")  # fmt: skip
     p.add_argument("--encoder-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="dtype of the vision (or audio) encoder of processes that encode (default auto: "
                         "the --dtype of the rest); bfloat16 runs a CPU encoder about twice as fast "

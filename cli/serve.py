@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads, keys=keys, enable_prefix_caching=args.enable_prefix_caching,
             encoder_dtype=None if args.encoder_dtype == "auto" else args.encoder_dtype,
             encode_batch_tokens=args.encoder_batch_tokens, linear_backend=args.linear_backend,
+            encoder_thread=args.encoder_thread,
         )  # fmt: skip
     except ValueError as exc:
         print(f"epd-serve serve: error: {exc}", file=sys.stderr)

@@ -55,6 +55,7 @@ class StackConfig:
     encoder_dtype: str = "auto"
     encoder_batch_tokens: int = 8192
     linear_backend: str = "auto"  # CPU linear layers: auto, onednn, torch (services/models/packed_linear.py)
+    encoder_thread: str = "auto"  # E next to P: the encoder call on its own thread (auto, on, off)
     threads: int = 1
     cpus: list[str] = field(default_factory=list)  # per process, in topology order
     allowed_local_media_dirs: list[str] = field(default_factory=list)
@@ -169,6 +170,8 @@ class Stack:
             cmd += ["--encoder-batch-tokens", str(c.encoder_batch_tokens)]
             if c.encoder_dtype != "auto":
                 cmd += ["--encoder-dtype", c.encoder_dtype]
+            if c.encoder_thread != "auto":
+                cmd += ["--encoder-thread", c.encoder_thread]
         if c.kv_staging != "auto":
             cmd += ["--kv-staging", c.kv_staging]
         if c.linear_backend != "auto":

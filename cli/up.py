@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         swap_space=args.swap_space, enable_prefix_caching=args.enable_prefix_caching,
         encoder_dtype=args.encoder_dtype, encoder_batch_tokens=args.encoder_batch_tokens,
-        linear_backend=args.linear_backend,
+        linear_backend=args.linear_backend, encoder_thread=args.encoder_thread,
         threads=args.threads or max(1, cores // n), cpus=cpus,
         allowed_local_media_dirs=args.allowed_local_media_path, ready_timeout=args.ready_timeout,
         restart=not args.no_restart, keys=keys, insecure=keys is None, api_key=api_key(args),

@@ -70,6 +70,7 @@ class Host:
         self.handlers: dict = {}
         self.refusals = Refusals(log)
         self.rejoin_pending_until = 0.0  # monotonic time until which further retries are ignored
+        self.engine_threads = 0  # torch threads of this thread's engine steps, beside an encoder thread
 
     # ---- start-up ----------------------------------------------------------------------------------
 
@@ -96,6 +97,8 @@ class Host:
         )
         self.encode, self.prefill, self.decode = built.encode, built.prefill, built.decode
         self.handlers = self._handlers()
+        if built.encoder_thread is not None:
+            self.engine_threads = built.encoder_thread.total_threads
 
     def info(self) -> InstanceInfo:
         c, e = self.config, self.engine
@@ -170,9 +173,23 @@ class Host:
             if self.encode is not None and self.encode.has_work():
                 self._guarded(self.encode, self.encode.run_batch)
             if stepper is not None and stepper.has_work():
+                self._share_threads()
                 self._guarded(stepper, stepper.step)
             if self.change is not None and self._idle():
                 self._change_roles()
+
+    def _share_threads(self) -> None:
+        """Before an engine step: the threads an encoder call in flight on the encoder thread leaves
+        this thread (services/encode/encoder_thread.py); all of them when none runs."""
+        thread = self.built.encoder_thread if self.built is not None else None
+        if thread is None:
+            return
+        wanted = thread.engine_threads()
+        if wanted != self.engine_threads:
+            import torch
+
+            torch.set_num_threads(wanted)  # this thread's count only (OpenMP's is per thread)
+            self.engine_threads = wanted
 
     # ---- role changes (services/role_change.py) ----------------------------------------------------
 

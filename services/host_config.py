@@ -41,6 +41,9 @@ class HostConfig:
     # CPU linear layers: auto and onednn pack their weights for oneDNN (onednn refuses a dtype it
     # cannot run), torch leaves them to F.linear (services/models/packed_linear.py)
     linear_backend: str = "auto"
+    # E next to P: the encoder call on a thread of its own (services/encode/encoder_thread.py); auto:
+    # on a CPU, off on accelerators
+    encoder_thread: str = "auto"
     encode_cache_bytes: int = 512 * 2**20
     max_encode_batch: int = 16  # items of one encoder call
     encode_batch_tokens: int = 8192  # encoder output tokens of one encoder call (one item may be over)
@@ -54,6 +57,8 @@ class HostConfig:
         if "D" in roles and "P" not in roles and "E" in roles:
             raise ValueError("E and D without P in one process is not a useful co-location")
         self.roles = "".join(r for r in "EPD" if r in roles)
+        if self.encoder_thread not in ("auto", "on", "off"):
+            raise ValueError(f"encoder_thread must be auto, on or off; got {self.encoder_thread!r}")
         if not self.advertise_host:
             wildcard = self.bind_host in ("0.0.0.0", "::", "*")
             self.advertise_host = socket.gethostname() if wildcard else self.bind_host

@@ -26,6 +26,7 @@ class Roles:
     prefill: Any = None
     decode: Any = None
     kv_buffer_id: str = ""  # the data-plane buffer of a decode pool or its staging area ("": none)
+    encoder_thread: Any = None  # the encoder's own thread, next to a prefill role (None: inline)
 
     def workers(self) -> list:
         return [w for w in (self.encode, self.prefill, self.decode) if w is not None]
@@ -38,7 +39,12 @@ class Roles:
             self.dataplane.free(self.kv_buffer_id)
         if self.prefill is not None:
             self.prefill.features.close()
-        self.engine = self.encode = self.prefill = self.decode = None
+        if self.encoder_thread is not None:  # called on the loop's thread: it gets all its threads back
+            self.encoder_thread.close()
+            import torch
+
+            torch.set_num_threads(self.encoder_thread.total_threads)
+        self.engine = self.encode = self.prefill = self.decode = self.encoder_thread = None
 
 
 def build_roles(
@@ -119,11 +125,29 @@ def build_roles(
     if "E" in roles:
         from services.encode.worker import EncodeWorker
 
+        built.encoder_thread = _encoder_thread(c, built, io)
         built.encode = EncodeWorker(
             fam, io, dataplane, cache_bytes=c.encode_cache_bytes, max_batch_items=c.max_encode_batch,
             max_batch_tokens=c.encode_batch_tokens, local_prefill=built.prefill, local_id=c.instance_id,
+            encoder_thread=built.encoder_thread,
         )  # fmt: skip
     return built
+
+
+def _encoder_thread(c: HostConfig, built: Roles, io: Any) -> Any:
+    """An encoder thread (services/encode/encoder_thread.py) for a process that encodes and prefills:
+    `on`, or `auto` on a CPU, where the encoder and the engine share the cores. `auto` keeps an
+    accelerator's encoder inline: its kernels queue on the device behind the engine's anyway."""
+    wanted = c.encoder_thread == "on" or (c.encoder_thread == "auto" and c.device == "cpu")
+    if not wanted or built.engine is None:
+        return None
+    import torch
+
+    from services.encode.encoder_thread import EncoderThread
+
+    engine, threads = built.engine, torch.get_num_threads()
+    log.info("encoder calls on a thread of their own", threads=threads)
+    return EncoderThread(built.model.family.encode, threads, engine_busy=engine.has_unfinished, wake=io.wake)
 
 
 def _moves_device_memory(c: HostConfig, dataplane: Any) -> bool:

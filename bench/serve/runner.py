@@ -183,6 +183,7 @@ async def bench(args: argparse.Namespace, model_dir: str | None) -> dict[str, An
         max_num_seqs=args.max_num_seqs, swap_space=args.swap_space, ready_timeout=args.ready_timeout,
         enable_prefix_caching=args.enable_prefix_caching, encoder_dtype=args.encoder_dtype,
         encoder_batch_tokens=args.encoder_batch_tokens, linear_backend=args.linear_backend,
+        encoder_thread=args.encoder_thread,
     )  # fmt: skip
     targets: list[tuple[str, Callable[[], Any]]]
     if args.base_url:

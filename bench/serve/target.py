@@ -76,6 +76,7 @@ class StackOptions:
     encoder_dtype: str = "auto"
     encoder_batch_tokens: int = 8192
     linear_backend: str = "auto"
+    encoder_thread: str = "auto"
     ready_timeout: float = 180.0
     planner: PlannerConfig = field(default_factory=PlannerConfig)  # the gateway's role planner; off
 
@@ -149,7 +150,7 @@ async def topology_server(topology: str, options: StackOptions) -> AsyncIterator
         devices_for=applicable(options.devices_for, topo.processes()),
         max_num_seqs=options.max_num_seqs, swap_space=options.swap_space,
         enable_prefix_caching=options.enable_prefix_caching, encoder_dtype=options.encoder_dtype,
-        encoder_batch_tokens=options.encoder_batch_tokens, linear_backend=options.linear_backend, threads=options.threads or max(1, (os.cpu_count() or 1) // n),
+        encoder_batch_tokens=options.encoder_batch_tokens, linear_backend=options.linear_backend, encoder_thread=options.encoder_thread, threads=options.threads or max(1, (os.cpu_count() or 1) // n),
         cpus=_cpus_for(options, n), ready_timeout=options.ready_timeout, restart=False, planner=options.planner,
     )  # fmt: skip
     stack = Stack(config)

@@ -79,6 +79,7 @@ class EncodeWorker:
         max_batch_tokens: int = 8192,
         local_prefill: Any = None,
         local_id: str = "",
+        encoder_thread: Any = None,
     ) -> None:
         self.family = family
         self.io = io
@@ -88,6 +89,9 @@ class EncodeWorker:
         self.max_batch_tokens = max_batch_tokens
         self.local_prefill = local_prefill
         self.local_id = local_id
+        # services/encode/encoder_thread.py: the encoder call off the loop's thread (None: inline)
+        self.encoder_thread = encoder_thread
+        self._running: tuple[list[_Item], list[_Item], float] | None = None  # its batch, repeats, start
         self.queue: deque[_Item] = deque()
         self._offers: dict[tuple[str, str], torch.Tensor] = {}  # (hash, prefill address) -> features
         self._writes: list[Any] = []  # data plane handles in flight, with their sources
@@ -102,14 +106,19 @@ class EncodeWorker:
         return len(self.queue)
 
     def has_work(self) -> bool:
+        """Something for `run_batch` now: a call to start, or a finished one on the encoder thread to
+        collect (one still running is not work: the loop sleeps until it wakes the loop)."""
+        if self._running is not None:
+            return self.encoder_thread.done()
         return bool(self.queue)
 
     def request_ids(self) -> set[str]:
-        return {item.request_id for item in self.queue}
+        running = self._running[0] + self._running[1] if self._running is not None else []
+        return {item.request_id for item in (*self.queue, *running)}
 
     def idle(self) -> bool:
-        """Nothing queued, offered or being written: the worker can go (a role change)."""
-        return not self.queue and not self._offers and not self._writes
+        """Nothing queued, encoding, offered or being written: the worker can go (a role change)."""
+        return not self.queue and self._running is None and not self._offers and not self._writes
 
     # ---- messages ----------------------------------------------------------------------------------
 
@@ -174,12 +183,28 @@ class EncodeWorker:
     def run_batch(self) -> None:
         """Encode queued items in one encoder call: in queue order, as many as `max_batch_tokens` of
         encoder output and `max_batch_items` allow (the first one always). An item that does not fit
-        goes back to the head of the queue, prepared, for the next call."""
+        goes back to the head of the queue, prepared, for the next call. With an encoder thread the
+        call starts there and a later `run_batch` collects it; one call runs at a time."""
+        if self._running is not None:
+            if not self.encoder_thread.done():
+                return
+            (ready, repeats, began), self._running = self._running, None
+            self._finish(ready, repeats, began, self.encoder_thread.result)
+            return
         began = time.perf_counter()
         ready, prepared, repeats = self._take_batch(began)
+        if ready and self.encoder_thread is not None:
+            self.encoder_thread.submit(prepared)
+            self._running = (ready, repeats, began)
+            return
+        self._finish(ready, repeats, began, lambda: self.family.encode(prepared) if ready else [])
+
+    def _finish(self, ready: list[_Item], repeats: list[_Item], began: float, encoded_of) -> None:
+        """Cache and deliver a batch's features (`encoded_of()` gives them, or raises what the encoder
+        raised), then serve the repeats of its items."""
         if ready:
             try:
-                encoded = self.family.encode(prepared)
+                encoded = encoded_of()
             except Exception as exc:  # one bad batch fails its requests, not the process
                 log.exception("an encoder batch failed", items=len(ready))
                 for item in ready:

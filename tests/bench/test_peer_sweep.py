@@ -21,6 +21,11 @@ def test_system_specs():
     assert System.parse("vllm:0-1") == System("vllm", "0-1")
     assert System.parse("epd:E1 P1 D1").label == "E1 P1 D1"
     assert System.parse("vllm:auto").label == "vLLM auto"
+    plain = System.parse("epd:E1 P1 D1")
+    assert (plain.topology, plain.flags) == ("E1 P1 D1", [])
+    flagged = System.parse("epd:EPD1 --encoder-thread off --threads 2")  # one sweep compares settings
+    assert flagged.label == "EPD1 --encoder-thread off --threads 2" and flagged.topology == "EPD1"
+    assert flagged.flags == ["--encoder-thread", "off", "--threads", "2"]
     for bad in ("sglang:x", "epd:", "EPD1"):
         with pytest.raises(ValueError, match="vllm:<bind>"):
             System.parse(bad)

@@ -34,6 +34,7 @@ def test_help_states_every_new_default(command):
     assert "--gpu-memory-utilization F" in text and "(default 0.9; 0 < F <= 1)" in text
     assert "--attention-backend {auto,sdpa,flex}" in text and "auto (default:" in text
     assert "--linear-backend {auto,onednn,torch}" in text and "auto (default) and onednn pack" in text
+    assert "--encoder-thread {auto,on,off}" in text and "auto (default): on for cpu, off on accelerators" in text
     assert "--enforce-eager" in text and "no CUDA graphs" in text and "(default: graphs and compiled" in text
     assert (
         "--swap-space GiB" in text and "host memory" in text and "(default 4, as vLLM; 0: never swap)" in text
@@ -54,6 +55,7 @@ def test_help_states_every_new_default(command):
         (["up", "--attention-backend", "flash"], "invalid choice: 'flash'"),
         (["serve", "--roles", "E", "--gateway", "tcp://x:1", "--model", "m", "--linear-backend", "mkl"],
          "invalid choice: 'mkl'"),
+        (["up", "--encoder-thread", "maybe"], "invalid choice: 'maybe'"),
         (["up", "--swap-space", "-1"], "bad --swap-space '-1': GiB of host memory, a number >= 0"),
         (["bench", "--swap-space", "nan"], "bad --swap-space 'nan'"),
         (["up", "--device", "cuda", "--devices", "0,x"], "write device indices like 0 or 0,1,2"),
@@ -118,6 +120,10 @@ def test_up_on_cpu_keeps_the_environment_and_mib():
     assert [a.linear_backend for a in parsed] == ["auto", "auto"]
     torch_linears = Stack(StackConfig("model", parse_topology("EP1 D1"), linear_backend="torch"))
     assert [serve_args(torch_linears, i).linear_backend for i in range(2)] == ["torch", "torch"]
+    assert [a.encoder_thread for a in parsed] == ["auto", "auto"]
+    inline = Stack(StackConfig("model", parse_topology("EP1 D1"), encoder_thread="off"))
+    assert serve_args(inline, 0).encoder_thread == "off"  # only a process that encodes is told
+    assert "--encoder-thread" not in inline.serve_command(1, "D", "tcp://127.0.0.1:5555")
     for env in stack.envs:  # this environment, plus the stack's keys; on cpu no visible-devices variable
         assert env is not None and "CUDA_VISIBLE_DEVICES" not in {**env}.keys() - os.environ.keys()
         assert StackKeys.from_environment(env) == stack.config.keys
