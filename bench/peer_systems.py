@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import resource
+import shlex
 import signal
 import subprocess
 import time

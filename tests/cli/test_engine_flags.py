@@ -34,7 +34,9 @@ def test_help_states_every_new_default(command):
     assert "--gpu-memory-utilization F" in text and "(default 0.9; 0 < F <= 1)" in text
     assert "--attention-backend {auto,sdpa,flex}" in text and "auto (default:" in text
     assert "--linear-backend {auto,onednn,torch}" in text and "auto (default) and onednn pack" in text
-    assert "--encoder-thread {auto,on,off}" in text and "auto (default): on for cpu, off on accelerators" in text
+    assert (
+        "--encoder-thread {auto,on,off}" in text and "auto (default): on for cpu, off on accelerators" in text
+    )
     assert "--enforce-eager" in text and "no CUDA graphs" in text and "(default: graphs and compiled" in text
     assert (
         "--swap-space GiB" in text and "host memory" in text and "(default 4, as vLLM; 0: never swap)" in text
