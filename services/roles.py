@@ -147,7 +147,8 @@ def _encoder_thread(c: HostConfig, built: Roles, io: Any) -> Any:
 
     engine, threads = built.engine, torch.get_num_threads()
     log.info("encoder calls on a thread of their own", threads=threads)
-    return EncoderThread(built.model.family.encode, threads, engine_busy=engine.has_unfinished, wake=io.wake)
+    requests = engine.scheduler.requests
+    return EncoderThread(built.model.family.encode, threads, engine_load=lambda: len(requests), wake=io.wake)
 
 
 def _moves_device_memory(c: HostConfig, dataplane: Any) -> bool:

@@ -193,7 +193,7 @@ class EncodeWorker:
             return
         began = time.perf_counter()
         ready, prepared, repeats = self._take_batch(began)
-        if ready and self.encoder_thread is not None:
+        if ready and self.encoder_thread is not None and self.encoder_thread.offloads():
             self.encoder_thread.submit(prepared)
             self._running = (ready, repeats, began)
             return

@@ -35,11 +35,19 @@ def _seen_by_call(items):
     return [torch.tensor([threading.get_ident(), torch.get_num_threads()]) for _ in items]
 
 
-@pytest.mark.parametrize("engine_busy, call_threads", [(False, 2), (True, 1)])
-def test_a_call_runs_on_its_thread_with_its_share_of_the_threads(engine_busy, call_threads) -> None:
+@pytest.mark.parametrize("load, offloads", [(0, False), (2, False), (3, True), (40, True)])
+def test_a_loaded_engine_sends_calls_to_the_thread_a_light_one_keeps_them_inline(load, offloads) -> None:
+    thread = EncoderThread(_seen_by_call, 2, engine_load=lambda: load, wake=lambda: None, light_load=2)
+    try:
+        assert thread.offloads() == offloads
+    finally:
+        thread.close()
+
+
+def test_a_call_runs_on_its_thread_with_one_thread_and_the_loop_keeps_its_count() -> None:
     before = torch.get_num_threads()
     wakes = _Wakes()
-    thread = EncoderThread(_seen_by_call, 2, engine_busy=lambda: engine_busy, wake=wakes)
+    thread = EncoderThread(_seen_by_call, 2, engine_load=lambda: 8, wake=wakes)
     try:
         assert not thread.running and thread.engine_threads() == 2
         thread.submit(["a", "b"])
@@ -47,7 +55,7 @@ def test_a_call_runs_on_its_thread_with_its_share_of_the_threads(engine_busy, ca
         assert wakes.event.wait(30), "a finished call wakes the loop"
         assert thread.done() and thread.engine_threads() == 2, "a finished call leaves every thread"
         (ident, threads), _ = thread.result()
-        assert int(ident) != threading.get_ident() and int(threads) == call_threads
+        assert int(ident) != threading.get_ident() and int(threads) == 1
         assert not thread.running and wakes.count == 1
         assert torch.get_num_threads() == before, "the loop thread keeps its own count"
     finally:
@@ -61,7 +69,7 @@ def test_the_engine_gets_what_a_running_call_leaves() -> None:
         release.wait(30)
         return []
 
-    thread = EncoderThread(slow, 2, engine_busy=lambda: True, wake=lambda: None)
+    thread = EncoderThread(slow, 2, engine_load=lambda: 8, wake=lambda: None)
     try:
         thread.submit([])
         assert thread.engine_threads() == 1 and not thread.done()
@@ -79,7 +87,7 @@ def test_what_the_call_raises_comes_out_of_result() -> None:
     def broken(items):
         raise ValueError("bad pixels")
 
-    thread = EncoderThread(broken, 1, engine_busy=lambda: False, wake=lambda: None)
+    thread = EncoderThread(broken, 1, engine_load=lambda: 0, wake=lambda: None)
     try:
         thread.submit([1])
         with pytest.raises(ValueError, match="bad pixels"):
@@ -117,7 +125,7 @@ def _offers(worker: EncodeWorker, images: list[bytes]) -> dict[str, torch.Tensor
 def test_features_from_the_encoder_thread_equal_the_inline_ones(family) -> None:
     images = [_png(56, 1), _png(84, 2), _png(112, 3)]
     inline = _offers(EncodeWorker(family, _IO(), create_dataplane("fake")), images)
-    thread = EncoderThread(family.encode, 2, engine_busy=lambda: True, wake=lambda: None)
+    thread = EncoderThread(family.encode, 2, engine_load=lambda: 8, wake=lambda: None)
     try:
         threaded = _offers(
             EncodeWorker(family, _IO(), create_dataplane("fake"), encoder_thread=thread), images
