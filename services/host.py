@@ -171,6 +171,7 @@ class Host:
             for w in workers:
                 self._guarded(w, w.poll)
             if self.encode is not None and self.encode.has_work():
+                self._share_threads()  # an inline call after a threaded one gets every thread back
                 self._guarded(self.encode, self.encode.run_batch)
             if stepper is not None and stepper.has_work():
                 self._share_threads()
@@ -179,8 +180,8 @@ class Host:
                 self._change_roles()
 
     def _share_threads(self) -> None:
-        """Before an engine step: the threads an encoder call in flight on the encoder thread leaves
-        this thread (services/encode/encoder_thread.py); all of them when none runs."""
+        """Before an engine step or an encoder batch: the threads an encoder call in flight on the
+        encoder thread leaves this thread (services/encode/encoder_thread.py); all when none runs."""
         thread = self.built.encoder_thread if self.built is not None else None
         if thread is None:
             return
