@@ -45,7 +45,10 @@ class EncoderThread:
         self._engine_load = engine_load  # requests the engine holds, read when a call is placed
         self.light_load = light_load
         self._wake = wake  # thread-safe: ends the loop's wait when a call finishes
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epd-encoder")
+        # one torch thread, set once: that thread's own count (no OpenMP team); the loop's keeps its own
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="epd-encoder", initializer=torch.set_num_threads, initargs=(1,)
+        )
         self._future: Future | None = None
 
     def offloads(self) -> bool:
@@ -65,7 +68,7 @@ class EncoderThread:
     def submit(self, items: list[Any]) -> None:
         if self._future is not None:
             raise RuntimeError("the encoder thread is already running a call")
-        self._future = self._pool.submit(_encode_on_one_thread, self._encode, items)
+        self._future = self._pool.submit(self._encode, items)
         self._future.add_done_callback(lambda _: self._wake())
 
     def result(self) -> list[torch.Tensor]:
@@ -84,8 +87,3 @@ class EncoderThread:
     def close(self) -> None:
         """Wait for a call in flight and end the thread (a role change, or the process stopping)."""
         self._pool.shutdown(wait=True)
-
-
-def _encode_on_one_thread(encode: Callable[[list[Any]], list[torch.Tensor]], items: list[Any]):
-    torch.set_num_threads(1)  # this thread's own count (no OpenMP team); the loop's thread keeps its own
-    return encode(items)
