@@ -12,7 +12,7 @@ import argparse
 
 from cli.placement import devices_arg, role_devices_arg
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex")  # services/engine/attention/registry.py BACKEND_NAMES
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "cpu")  # services/engine/attention/registry.py BACKEND_NAMES
 CPU_KV_CACHE_MIB = 256  # what "auto" means on cpu
 SWAP_SPACE_GIB = 4.0  # per engine, vLLM's default swap_space
 ENCODER_BATCH_TOKENS = 8192  # services/host_config.py HostConfig.encode_batch_tokens
@@ -81,8 +81,10 @@ def add_engine_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *
                         "it a request is recomputed, or fails on a decode instance, which cannot "
                         f"recompute (default {SWAP_SPACE_GIB:g}, as vLLM; 0: never swap)")  # fmt: skip
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
-                   help="attention kernels: auto (default: flex on CUDA, sdpa elsewhere), sdpa (SDPA "
-                        "over gathered blocks, the reference), flex (FlexAttention over the block pool)")  # fmt: skip
+                   help="attention kernels: auto (default: flex on CUDA, cpu on a CPU where a C compiler "
+                        "builds it, sdpa elsewhere), sdpa (SDPA over gathered blocks, the reference), flex "
+                        "(FlexAttention over the block pool), cpu (a C kernel reading decode rows' blocks "
+                        "in place, compiled once per machine; prefill chunks as sdpa)")  # fmt: skip
     p.add_argument("--linear-backend", default="auto", choices=("auto", "onednn", "torch"),
                    help="CPU linear layers: auto (default) and onednn pack their weights once for "
                         "oneDNN's matmul (faster for decode and prefill rows than torch's BLAS call); "

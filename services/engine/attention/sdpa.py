@@ -35,18 +35,15 @@ class SdpaState:
 
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
+    state_type: type[SdpaState] = SdpaState
 
     def prepare(self, layout: StepLayout) -> SdpaState:
         bs, device = self.kv.block_size, self.kv.device
         b = layout.num_decodes
-        state = SdpaState(num_decodes=b)
+        state = self.state_type(num_decodes=b)
         table = layout.block_table
         if b:
-            context = torch.tensor(layout.chunk_starts[:b]) + 1
-            width = -(-int(context.max()) // bs)
-            j = torch.arange(width * bs)
-            state.decode_blocks = table[:b, :width].reshape(-1).to(device)
-            state.decode_mask = (j[None, :] < context[:, None]).view(b, 1, 1, -1).to(device)
+            self._prepare_decodes(state, layout)
         q = layout.decode_rows
         for i in range(b, layout.num_chunks):
             start, n = layout.chunk_starts[i], layout.chunk_lens[i]
@@ -64,17 +61,8 @@ class SdpaBackend(AttentionBackend):
     def attend(self, state: SdpaState, layer, query, key, value, scaling) -> torch.Tensor:
         k_blocks, v_blocks = self.kv.layer_blocks(layer)
         out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
-        b = state.num_decodes
-        if b:
-            # The query heads sharing a KV head attend to the same keys: lay them out as that KV head's
-            # query rows ([B, KVH, H / KVH, D]) so one plain SDPA call covers them, without GQA expansion
-            # (about 4x faster than enable_gqa with a mask on CPU).
-            kvh = key.shape[1]
-            q = query[0, :, :b].transpose(0, 1).reshape(b, kvh, -1, query.shape[3])
-            k = _gather(k_blocks, state.decode_blocks, b)  # [B, KVH, W * block_size, D]
-            v = _gather(v_blocks, state.decode_blocks, b)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=state.decode_mask, scale=scaling)
-            out[:b] = o.reshape(b, query.shape[1], query.shape[3])
+        if state.num_decodes:
+            self._attend_decodes(state, layer, query, scaling, out)
         for span in state.prefills:
             q = query[:, :, span.q_start : span.q_end]
             if span.blocks is None:
@@ -89,6 +77,29 @@ class SdpaBackend(AttentionBackend):
                 )
             out[span.q_start : span.q_end] = o[0].transpose(0, 1)
         return out
+
+    def _prepare_decodes(self, state: SdpaState, layout: StepLayout) -> None:
+        """The decode rows' blocks, flat and padded to the longest context, and the mask of real keys."""
+        bs, b = self.kv.block_size, layout.num_decodes
+        context = torch.tensor(layout.chunk_starts[:b]) + 1
+        width = -(-int(context.max()) // bs)
+        j = torch.arange(width * bs)
+        state.decode_blocks = layout.block_table[:b, :width].reshape(-1).to(self.kv.device)
+        state.decode_mask = (j[None, :] < context[:, None]).view(b, 1, 1, -1).to(self.kv.device)
+
+    def _attend_decodes(self, state: SdpaState, layer: int, query, scaling, out: torch.Tensor) -> None:
+        """The decode rows (the first `num_decodes` of the step) into `out[:num_decodes]`."""
+        b = state.num_decodes
+        k_blocks, v_blocks = self.kv.layer_blocks(layer)
+        # The query heads sharing a KV head attend to the same keys: lay them out as that KV head's
+        # query rows ([B, KVH, H / KVH, D]) so one plain SDPA call covers them, without GQA expansion
+        # (about 4x faster than enable_gqa with a mask on CPU).
+        kvh = k_blocks.shape[2]
+        q = query[0, :, :b].transpose(0, 1).reshape(b, kvh, -1, query.shape[3])
+        k = _gather(k_blocks, state.decode_blocks, b)  # [B, KVH, W * block_size, D]
+        v = _gather(v_blocks, state.decode_blocks, b)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=state.decode_mask, scale=scaling)
+        out[:b] = o.reshape(b, query.shape[1], query.shape[3])
 
 
 def _gather(pool: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:

@@ -91,10 +91,14 @@ def padded(x: torch.Tensor, row: torch.Tensor, rows: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "name, compile, q_block",
-    [("sdpa", False, None), ("flex", False, 16), ("flex", False, 64), ("flex", True, 16), ("flex", True, 64)],
-)
+    [
+        ("sdpa", False, None), ("cpu", False, None),
+        ("flex", False, 16), ("flex", False, 64), ("flex", True, 16), ("flex", True, 64),
+    ],
+)  # fmt: skip
 def test_backend_matches_per_sequence_sdpa(name, compile, q_block):
-    """flex with the CPU tile (16 rows) and the CUDA tile (64 rows, several prompts in one tile)."""
+    """cpu's decode kernel; flex with the CPU tile (16 rows) and the CUDA tile (64 rows, several
+    prompts in one tile)."""
     kv, table, starts, lens, chunk, pos, query, key, value, num_decodes = packed_step()
     backend = create_backend(name, kv, max_num_tokens=64, max_num_seqs=8, max_model_len=256, compile=compile)
     if q_block is not None:

@@ -1,9 +1,10 @@
 """Through the whole engine, every attention backend gives transformers' greedy tokens and logits.
 
 A packed continuous batch (text-only and image prompts, requests joining while others decode, a token
-budget small enough to split prompts into several prefill chunks) runs with the flex backend eagerly,
-compiled (the padded, bucketed shapes of production), and through the decode-graph buffers (the path a
-CUDA graph replays, run here without capture); `test_fidelity.py` covers the sdpa reference the same way.
+budget small enough to split prompts into several prefill chunks) runs with the sdpa reference, the
+cpu decode kernel, and the flex backend eagerly, compiled (the padded, bucketed shapes of production),
+and through the decode-graph buffers (the path a CUDA graph replays, run here without capture);
+`test_fidelity.py` covers the CPU default (`auto`, the cpu kernel where it builds) across modalities.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ def make_batch(loaded, n=6):
     return batch
 
 
-@pytest.mark.parametrize("mode", ["flex-eager", "flex-compiled", "flex-decode-graph-buffers"])
+@pytest.mark.parametrize("mode", ["sdpa", "cpu", "flex-eager", "flex-compiled", "flex-decode-graph-buffers"])
 def test_packed_batch_matches_transformers(mode, checkpoint, loaded):
     fam = loaded.family
+    backend = mode.split("-")[0]
     config = EngineConfig(
         num_blocks=96, max_model_len=1024, max_num_batched_tokens=40, max_num_seqs=8,
-        attention_backend="flex", enforce_eager=mode != "flex-compiled",
+        attention_backend=backend, enforce_eager=mode != "flex-compiled",
     )  # fmt: skip
     engine = Engine(fam, loaded.eos_token_ids, config, keep_logits=True)
-    assert engine.runner.backend.name == "flex"
+    assert engine.runner.backend.name == backend
     graphs = None
     if mode == "flex-decode-graph-buffers":
         graphs = DecodeGraphs(fam, engine.kv, engine.runner.backend, config.max_num_seqs, capture=False)
