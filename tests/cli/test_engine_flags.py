@@ -32,7 +32,8 @@ def test_help_states_every_new_default(command):
     text = one_line(out.stdout)
     assert "--kv-cache-memory MiB" in text and "(default auto:" in text and "256 MiB on cpu" in text
     assert "--gpu-memory-utilization F" in text and "(default 0.9; 0 < F <= 1)" in text
-    assert "--attention-backend {auto,sdpa,flex}" in text and "auto (default:" in text
+    assert "--attention-backend {auto,sdpa,flex,cpu}" in text and "auto (default:" in text
+    assert "cpu (a C kernel reading decode rows' blocks in place" in text
     assert "--linear-backend {auto,onednn,torch}" in text and "auto (default) and onednn pack" in text
     assert (
         "--encoder-thread {auto,on,off}" in text and "auto (default): on for cpu, off on accelerators" in text
