@@ -118,7 +118,9 @@ def _cpu_flags() -> str:
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    """`$CC`, else GCC, else `cc`: GCC's -fopenmp links libgomp, the runtime torch's wheels carry (a
+    Clang build would link LLVM's libomp, a second runtime beside torch's)."""
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
 def build(compiler: str) -> Path:
