@@ -57,9 +57,14 @@ class PagedDecodeKernel:
         self.max_group, self.max_head_dim, self.max_block = group.value, head_dim.value, block.value
 
     def fits_pool(self, dtype: torch.dtype, head_dim: int, block_size: int) -> bool:
-        """Whether a pool of this dtype and geometry is one the kernel reads (the query heads per KV
-        head, up to `max_group`, are checked per call)."""
-        return dtype in DTYPE_CODES and head_dim <= self.max_head_dim and block_size <= self.max_block
+        """Whether a pool of this dtype and geometry is one the kernel reads: head dims in whole
+        16-lane vectors (the query heads per KV head, up to `max_group`, are checked per call)."""
+        return (
+            dtype in DTYPE_CODES
+            and head_dim % 16 == 0
+            and head_dim <= self.max_head_dim
+            and block_size <= self.max_block
+        )
 
     def __call__(
         self,

@@ -5,9 +5,9 @@ blocks) before attending, so its decode attention reads the context twice and wr
 batch of 8 on, that copy cost as much as the attention itself (docs/benchmarks.md). This backend hands
 the rows' block tables to `csrc/paged_decode.c`, which reads each block where it lies, once. Prefill
 chunks stay with SDPA's flash kernel: they are compute-bound, and a continued chunk's gather is paid
-once for all its rows. It takes float32 and bfloat16 pools with head dims up to 256 and up to 32 query heads per KV head
-(every model we serve); `auto` picks it on a CPU wherever it builds and fits the pool, and `sdpa`
-otherwise.
+once for all its rows. It takes float32 and bfloat16 pools with head dims in multiples of 16 up to
+256 and up to 32 query heads per KV head (every model we serve); `auto` picks it on a CPU wherever it
+builds and fits the pool, and `sdpa` otherwise.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class CpuPagedBackend(SdpaBackend):
         layout = kv.layout
         if not kernel.fits_pool(layout.dtype, layout.head_dim, kv.block_size):
             raise ValueError(
-                f"the cpu attention kernel takes float32 or bfloat16 pools, head dim up to "
-                f"{kernel.max_head_dim} and blocks up to {kernel.max_block} tokens; use sdpa"
+                f"the cpu attention kernel takes float32 or bfloat16 pools, head dims in multiples of 16 "
+                f"up to {kernel.max_head_dim} and blocks up to {kernel.max_block} tokens; use sdpa"
             )
         self.kernel = kernel
 

@@ -146,15 +146,6 @@ static inline __attribute__((always_inline)) void attend_row(
     for (int32_t start = 0, b = 0; start < context; start += block_size, ++b) {
         const int in_block = context - start < block_size ? context - start : block_size;
         const int64_t base = (int64_t)blocks[b] * block_size * token_stride;
-        if (start + block_size < context) { /* the next block lies elsewhere in the pool: ask for it now */
-            const int next = context - start - block_size < block_size ? context - start - block_size : block_size;
-            const int64_t next_base = (int64_t)blocks[b + 1] * block_size * token_stride, item = bf16 ? 2 : 4;
-            for (int t = 0; t < next; ++t)
-                for (int c = 0; c < chunks; c += 64 / (LANES * (int)item)) {
-                    __builtin_prefetch((const char *)k + (next_base + t * token_stride + c * LANES) * item);
-                    __builtin_prefetch((const char *)v + (next_base + t * token_stride + c * LANES) * item);
-                }
-        }
         for (int t0 = 0; t0 < in_block; t0 += LANES) {
             const int n = in_block - t0 < LANES ? in_block - t0 : LANES;
             const int64_t tile = base + t0 * token_stride;

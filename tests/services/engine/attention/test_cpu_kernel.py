@@ -100,6 +100,7 @@ def test_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match="at most 32 query heads per KV head"):
         kernel(torch.zeros(1, 66, 64), k, k, table, ctx, 0.125, torch.zeros(1, 66, 64))
     assert not kernel.fits_pool(torch.float16, 64, 16) and not kernel.fits_pool(torch.float32, 512, 16)
+    assert not kernel.fits_pool(torch.float32, 72, 16), "head dims come in whole 16-lane vectors"
 
 
 def test_runs_on_torchs_openmp_threads():
