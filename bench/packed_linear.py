@@ -1,12 +1,14 @@
 """CPU linear layers packed for oneDNN against torch's `F.linear`, side by side: whole decode steps of the
-engine and whole encoder calls, each model loaded both ways in one process and timed in alternating
-rounds (a drift of the machine's speed hits both alike).
+engine and whole encoder calls, each model loaded three ways in one process (`F.linear`; packed with
+each MLP activation apart; packed with it fused, the default: services/models/fused_activation.py)
+and timed in alternating rounds (a drift of the machine's speed hits all alike).
 
     python -m bench.packed_linear [--model DIR] [--batch 1,2,8,16] [--context 128] [--threads 1,2]
 
 Printed per thread count: the mean decode step at each batch (sequences with `--context`-token prompts,
 growing while they are timed) and one 224x224 image through the vision tower, for `--linear-backend
-torch` and `onednn`, and torch / onednn (above 1: packing is faster). The greedy tokens of the two are
+torch`, `onednn` with activations apart and `onednn` (fused), with torch / onednn (above 1: packing
+is faster) and apart / fused (above 1: fusing is faster). The greedy tokens of the two are
 compared too: how many sequences got the same tokens from both (the oracle tests hold each to
 transformers; a random-weight model can have near-ties that float summation order tips).
 """
@@ -20,7 +22,7 @@ import types
 from pathlib import Path
 
 ROUNDS = 3
-MODES = ("torch", "onednn")
+MODES = ("torch", "apart", "onednn")  # F.linear; packed, activations apart; packed and fused
 
 
 def decode_steps(models: dict, batch: int, context: int, steps: int) -> dict:
@@ -33,7 +35,7 @@ def decode_steps(models: dict, batch: int, context: int, steps: int) -> dict:
         for m in MODES:
             best[m] = min(best[m], mean_step_seconds(engines[m], steps // ROUNDS) * 1e3)
     tokens = {m: [s.token_ids for s in engines[m].scheduler.requests.values()] for m in MODES}
-    same = sum(a == b for a, b in zip(tokens["torch"], tokens["onednn"], strict=True))
+    same = sum(a == b == c for a, b, c in zip(*(tokens[m] for m in MODES), strict=True))
     return {**best, "same_tokens": f"{same}/{batch}"}
 
 
@@ -69,27 +71,34 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from services.models.loader import load_model
+    from services.models.packed_linear import pack_linears
     from services.models.tiny import ensure_tiny_model
 
     path = args.model or str(ensure_tiny_model("qwen2_vl", "small"))
-    models = {m: load_model(path, linear_backend=m) for m in MODES}
+    models = {m: load_model(path, linear_backend=m) for m in ("torch", "onednn")}
+    models["apart"] = load_model(path, linear_backend="torch")
+    pack_linears(models["apart"].family.model, "onednn", fuse=False)
     report: dict = {"benchmark": "bench.packed_linear", "model": Path(path).name, "runs": []}
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
-        print(f"{threads} thread(s)           torch ms   onednn ms   torch / onednn")
+        print(
+            f"{threads} thread(s)           torch ms    apart ms   onednn ms   torch / onednn   apart / fused"
+        )
         for batch in (int(b) for b in args.batch.split(",")):
             t = decode_steps(models, batch, args.context, args.steps)
             report["runs"].append({"threads": threads, "what": f"decode step, batch {batch}", **t})
-            print(f"  decode step, batch {batch:<3} {t['torch']:8.2f} {t['onednn']:11.2f} {t['torch'] / t['onednn']:12.2f}x"
-                  f"   same tokens {t['same_tokens']}")  # fmt: skip
+            print(f"  decode step, batch {batch:<3} {_row(t)}   same tokens {t['same_tokens']}")
         t = encoder_call(models, args.encoder_repeats)
         report["runs"].append({"threads": threads, "what": "encoder, one 224x224 image", **t})
-        print(
-            f"  encoder, 224x224 image {t['torch']:8.2f} {t['onednn']:11.2f} {t['torch'] / t['onednn']:12.2f}x"
-        )
+        print(f"  encoder, 224x224 image {_row(t)}")
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1))
     return 0
+
+
+def _row(t: dict) -> str:
+    return (f"{t['torch']:8.2f} {t['apart']:11.2f} {t['onednn']:11.2f} {t['torch'] / t['onednn']:14.2f}x"
+            f" {t['apart'] / t['onednn']:14.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,9 +21,12 @@ import types
 import torch
 from torch import nn
 
+from services.models.fused_activation import PostOp, plan_fusions
+
 MODES = ("auto", "onednn", "torch")
 # the row count oneDNN picks its packed layout for; any row count works with it
 BATCH_HINT = 16
+NO_POST_OP = PostOp("none")
 
 
 def onednn_supported(dtype: torch.dtype) -> bool:
@@ -38,18 +41,20 @@ def onednn_supported(dtype: torch.dtype) -> bool:
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != self.weight.dtype:  # F.linear refuses this too; oneDNN's own error would not say it
         raise RuntimeError(f"a {x.dtype} input to a linear layer packed in {self.weight.dtype}")
-    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+    op = self.post_op
+    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, op.attr, [], op.algorithm)
 
 
 def is_packed(linear: nn.Module) -> bool:
     return isinstance(linear, nn.Linear) and linear.weight.is_mkldnn
 
 
-def pack_linears(module: nn.Module | None, mode: str = "auto") -> int:
+def pack_linears(module: nn.Module | None, mode: str = "auto", *, fuse: bool = True) -> int:
     """Pack every CPU `nn.Linear` under `module` for oneDNN ("torch" leaves them to `F.linear`).
     Layers already packed, on another device, or sharing their weight with an embedding are left as
     they are, and so, with "auto", are those in a dtype oneDNN cannot run here; "onednn" refuses
-    those instead. Returns how many were packed. Idempotent."""
+    those instead. With `fuse`, each MLP activation runs inside the linear before it
+    (services/models/fused_activation.py). Returns how many were packed. Idempotent."""
     if mode not in MODES:
         raise ValueError(f"linear backend must be one of {', '.join(MODES)}, got {mode!r}")
     if module is None or mode == "torch":
@@ -64,15 +69,16 @@ def pack_linears(module: nn.Module | None, mode: str = "auto") -> int:
     unsupported = {layer.weight.dtype for layer in layers if not onednn_supported(layer.weight.dtype)}
     if unsupported and mode == "onednn":  # refused before anything is packed
         raise ValueError(f"oneDNN cannot run a {min(map(str, unsupported))} linear layer on this machine")
+    layers = [layer for layer in layers if layer.weight.dtype not in unsupported]
+    fusions = plan_fusions(module, {id(layer) for layer in layers}) if fuse else {}
     packed = 0
     for layer in layers:
-        if layer.weight.dtype in unsupported:
-            continue
         with torch.no_grad():
             layer.weight = nn.Parameter(
                 torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), BATCH_HINT),
                 requires_grad=False,
             )
+        layer.post_op = fusions.get(id(layer), NO_POST_OP)
         layer.forward = types.MethodType(_packed_forward, layer)
         packed += 1
     return packed
