@@ -42,6 +42,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--threads", type=int, help="torch threads of this process (default: torch's)")
     p.add_argument("--cpus", help="pin this process to these CPUs, e.g. 0 or 0-3 or 0,2")
+    p.add_argument("--compute-nice", type=int, metavar="N",
+                   help="niceness of the compute threads, below this process's I/O thread and the "
+                   "gateway get a core at once while a step runs (0-19; default: 5 on cpu, 0 otherwise)")  # fmt: skip
     add_key_arguments(p)
     p.set_defaults(run=run)
 
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads, keys=keys, enable_prefix_caching=args.enable_prefix_caching,
             encoder_dtype=None if args.encoder_dtype == "auto" else args.encoder_dtype,
             encode_batch_tokens=args.encoder_batch_tokens, linear_backend=args.linear_backend,
-            encoder_thread=args.encoder_thread,
+            encoder_thread=args.encoder_thread, compute_nice=args.compute_nice,
         )  # fmt: skip
     except ValueError as exc:
         print(f"epd-serve serve: error: {exc}", file=sys.stderr)

@@ -41,6 +41,7 @@ from common.protocol import (
 )  # fmt: skip
 from common.role_sets import canonical_roles, roles_problem
 from common.stage_histograms import merged
+from services.compute_priority import default_nice, lower_compute_priority
 from services.host_config import HostConfig
 from services.role_change import PendingChange, rebuild
 from services.service_io import Inbound, ServiceIO, bounded_interval
@@ -82,7 +83,10 @@ class Host:
         c = self.config
         if c.threads:
             torch.set_num_threads(c.threads)
-        self.io.start()
+        self.io.start()  # before the compute thread's priority drops: the I/O thread keeps its own
+        nice = default_nice(c.device) if c.compute_nice is None else c.compute_nice
+        if lower_compute_priority(nice):
+            log.info("compute threads below the I/O thread in priority", nice=nice)
         self.adopt(build_roles(c, self.io))
         self.io.load = self.load
         self._register()

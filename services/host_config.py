@@ -48,6 +48,9 @@ class HostConfig:
     max_encode_batch: int = 16  # items of one encoder call
     encode_batch_tokens: int = 8192  # encoder output tokens of one encoder call (one item may be over)
     threads: int | None = None
+    # niceness of the compute threads, below the I/O thread's (services/compute_priority.py);
+    # None: 5 on a CPU, 0 on accelerators
+    compute_nice: int | None = None
     keys: StackKeys | None = None  # the stack's CurveZMQ keys (common/stack_keys.py); None: insecure
 
     def __post_init__(self) -> None:
@@ -59,6 +62,8 @@ class HostConfig:
         self.roles = "".join(r for r in "EPD" if r in roles)
         if self.encoder_thread not in ("auto", "on", "off"):
             raise ValueError(f"encoder_thread must be auto, on or off; got {self.encoder_thread!r}")
+        if self.compute_nice is not None and not 0 <= self.compute_nice <= 19:
+            raise ValueError(f"compute_nice must be between 0 and 19; got {self.compute_nice}")
         if not self.advertise_host:
             wildcard = self.bind_host in ("0.0.0.0", "::", "*")
             self.advertise_host = socket.gethostname() if wildcard else self.bind_host
