@@ -12,26 +12,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.placeholder_runs import expand_items
+
 
 def expand_placeholders(
     token_ids: list[int], placeholder_id: int, counts: list[int], kind: str = "image"
 ) -> list[int]:
     """Replace the i-th `placeholder_id` by `counts[i]` copies of it (`kind` names the items in errors).
 
-    With no items of the kind (`counts` empty), placeholders in the text are plain tokens and stay."""
-    if not counts:
-        return list(token_ids)
-    found = token_ids.count(placeholder_id)
-    if found != len(counts):
-        raise ValueError(f"the prompt has {found} {kind} placeholders but {len(counts)} {kind}s were given")
-    out: list[int] = []
-    it = iter(counts)
-    for tok in token_ids:
-        if tok == placeholder_id:
-            out.extend([placeholder_id] * next(it))
-        else:
-            out.append(tok)
-    return out
+    Placeholders past the items' (typed in the text), and all of them where the kind has no items
+    (`counts` empty), are plain tokens and stay (common/placeholder_runs.py)."""
+    try:
+        return expand_items(token_ids, placeholder_id, [[placeholder_id] * n for n in counts])
+    except ValueError:
+        found = token_ids.count(placeholder_id)
+        raise ValueError(
+            f"the prompt has {found} {kind} placeholders but {len(counts)} {kind}s were given"
+        ) from None
 
 
 def user_message(text: str, num_images: int = 0) -> list[dict[str, Any]]:

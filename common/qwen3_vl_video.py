@@ -61,15 +61,3 @@ def video_prompt_ids(
         out += encode(f"<{t:.1f} seconds>")
         out += [vision_start_id, *[video_token_id] * tokens_per_patch, vision_end_id]
     return out
-
-
-def replace_placeholders(token_ids: list[int], placeholder_id: int, runs: Sequence[list[int]]) -> list[int]:
-    """The i-th `placeholder_id` replaced by `runs[i]` (the counts must agree: the caller checks)."""
-    out: list[int] = []
-    it = iter(runs)
-    for tok in token_ids:
-        if tok == placeholder_id:
-            out.extend(next(it))
-        else:
-            out.append(tok)
-    return out

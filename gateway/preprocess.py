@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from common.audio_features import AudioGeometry
-from common.prompting import expand_placeholders
+from common.placeholder_runs import expand_items
 from common.qwen3_vl_sampling import Qwen3VLVideoSampling
-from common.qwen3_vl_video import replace_placeholders, video_prompt_ids
+from common.qwen3_vl_video import video_prompt_ids
 from common.sampling_params import SamplingParams
 from common.tokenizer import ChatTemplateError, TextTokenizer
 from common.video_sampling import VIDEO_PREPROCESSOR_CONFIG, VideoSampling
@@ -170,10 +170,10 @@ class Preprocessor:
     def _expand(self, token_ids: list[int], media: list[ImageInput], param: str) -> list[int]:
         """Each kind's placeholders, one per item of that kind, expanded to the item's token count.
 
-        A placeholder of a kind the request has no items of is an ordinary token (no features, a text
-        M-RoPE position), as vLLM serves it: random or pasted text may hold a literal `<|video_pad|>`.
-        Where the request does have items of that kind, one more typed in the text would leave it
-        unclear which run is which item, so that is refused (transformers' processor fails on it)."""
+        As vLLM serves them, the first placeholders of a kind are its items'; one more typed in the
+        text (random or pasted text may hold a literal `<|image_pad|>`), or any of a kind the request
+        has no items of, is an ordinary token: no features, a text M-RoPE position
+        (common/placeholder_runs.py)."""
         pads = (
             ("image", self.image_token_id),
             ("video", self.video_token_id),
@@ -183,19 +183,19 @@ class Preprocessor:
             counts = [item.num_tokens for item in media if item.kind == kind]
             if pad is None or not counts:
                 continue
-            found = token_ids.count(pad)
-            if found != len(counts):
+            if kind == "video" and self.video_stamps is not None:
+                runs = self._video_runs(media)
+            else:
+                runs = [[pad] * n for n in counts]
+            try:
+                token_ids = expand_items(token_ids, pad, runs)
+            except ValueError:
                 noun = "audio clips" if kind == "audio" else f"{kind}s"
                 raise bad_request(
-                    f"the prompt has {found} {kind} placeholder tokens but the request has {len(counts)} "
-                    f"{noun} ({kind} placeholder tokens may not appear in the text of a request that "
-                    f"carries {noun})",
+                    f"the prompt has {token_ids.count(pad)} {kind} placeholder tokens but the request has "
+                    f"{len(counts)} {noun} (the chat template writes one per item)",
                     param=param,
-                )
-            if kind == "video" and self.video_stamps is not None:
-                token_ids = replace_placeholders(token_ids, pad, self._video_runs(media))
-            else:
-                token_ids = expand_placeholders(token_ids, pad, counts)
+                ) from None
         return token_ids
 
     def _video_runs(self, media: list[ImageInput]) -> list[list[int]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 
 import numpy as np
 import torch
@@ -53,21 +55,46 @@ def hf_greedy(
     if second_per_grid_ts is not None and "video" in kinds and model.config.model_type == "qwen2_5_vl":
         videos = [s for s, k in zip(second_per_grid_ts, kinds, strict=True) if k == "video"]
         kwargs["second_per_grid_ts"] = torch.tensor(videos)
-    # M-RoPE types of the kinds the prompt has items of: a placeholder of another kind is text
-    types = ("image" in kinds) * (ids == family.image_token_id).int()
-    types = types + 2 * ("video" in kinds) * (ids == family.video_token_id).int()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        mm_token_type_ids=types,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        **kwargs,
-    )
+    # M-RoPE types: a kind's first placeholders, as many as its items take, are theirs (the template
+    # writes each item's before any typed in the text); the rest, and any of a kind with no items, text
+    types = torch.zeros_like(ids, dtype=torch.int)
+    strays = False
+    for code, kind, pad in ((1, "image", family.image_token_id), (2, "video", family.video_token_id)):
+        chosen = [i for i, k in zip(items, kinds, strict=True) if k == kind]
+        total = sum(math.prod(i.grid_thw) // family.merge_size**2 for i in chosen)
+        where = (ids[0] == pad).nonzero().flatten()
+        types[0, where[:total]] = code
+        strays |= bool(total) and len(where) > total
+    with _features_at(model, types) if strays else contextlib.nullcontext():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=types,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
     tokens = out.sequences[0, len(token_ids) :].tolist()
     return tokens, [lg[0] for lg in out.logits]
+
+
+@contextlib.contextmanager
+def _features_at(model, types: torch.Tensor):
+    """transformers scatters features at every placeholder id and refuses a count that differs; for
+    a prompt with one typed in its text as well, scatter them at the items' positions (`types`)
+    instead. Only where the features go changes: the model computes everything else as it does."""
+
+    def masks(input_ids, inputs_embeds, image_features=None, video_features=None):
+        image, video = ((types == code).unsqueeze(-1).expand_as(inputs_embeds) for code in (1, 2))
+        return image.to(inputs_embeds.device), video.to(inputs_embeds.device)
+
+    model.model.get_placeholder_mask = masks
+    try:
+        yield
+    finally:
+        del model.model.get_placeholder_mask
 
 
 def max_logit_diff(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> float:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.placeholder_runs import item_positions
 from services.engine.attention import AttentionMetadata
 from services.engine.inputs import ModelInputs
 
@@ -166,7 +167,8 @@ class Qwen2AudioFamily:
             return ModelInputs()
         if any(k != "audio" for k in kinds or ["audio"] * len(grids)):
             raise ValueError("this model takes audio only")
-        indices = [i for i, t in enumerate(token_ids) if t == self.audio_token_id]
+        # the clips' runs; an `<|AUDIO|>` typed past them is text (common/placeholder_runs.py)
+        indices = item_positions(token_ids, self.audio_token_id, [g[2] for g in grids])
         embeds = torch.cat(features).to(self.device, self.dtype)
         if len(indices) != embeds.shape[0]:
             raise ValueError(

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from common.placeholder_runs import item_positions
 from common.video import PreparedVideo
 from common.video_sampling import VideoSampling
 from services.engine.attention import AttentionMetadata
@@ -46,6 +47,7 @@ class Qwen2VLFamily:
     modalities = ("image", "video")
     auto_class = "AutoModelForImageTextToText"  # the transformers class that builds the model
     encoder_config = "vision_config"  # the sub-config whose attention is transformers' sdpa
+    video_runs_per_patch = False  # Qwen3-VL's videos: one placeholder run per temporal patch
     # Module paths of each part in transformers' model, for processes that build only some parts.
     part_modules = {"vision": ("model.visual",), "text": ("model.language_model", "lm_head")}
     # Stored tensor name -> module name. Qwen's releases (and transformers 5's `save_pretrained`) store
@@ -157,10 +159,15 @@ class Qwen2VLFamily:
             return ModelInputs()
         kinds = kinds or ["image"] * len(grids)
         ids = torch.tensor([token_ids], dtype=torch.long)
-        types = torch.zeros_like(ids, dtype=torch.int)  # a placeholder of a kind with no items is text
+        # text, but for the items' placeholder runs: a placeholder past them, or of a kind with no
+        # items, is an ordinary token (common/placeholder_runs.py)
+        types = torch.zeros_like(ids, dtype=torch.int)
         for kind, pad in (("image", self.image_token_id), ("video", self.video_token_id)):
-            if kind in kinds:
-                types[ids == pad] = MM_TOKEN_TYPES[kind]
+            lengths = [
+                n for g, k in zip(grids, kinds, strict=True) if k == kind for n in self.run_lengths(g, k)
+            ]
+            if lengths:
+                types[0, item_positions(token_ids, pad, lengths)] = MM_TOKEN_TYPES[kind]
         indices = types[0].nonzero().flatten().tolist()
         embeds = torch.cat(features).to(self.device, self.dtype)
         if len(indices) != embeds.shape[0]:
@@ -192,6 +199,14 @@ class Qwen2VLFamily:
             mm_embeds=embeds,
             mm_token_indices=indices,
         )
+
+    def run_lengths(self, grid: tuple[int, int, int], kind: str) -> list[int]:
+        """The placeholder runs an item takes: one of its token count; a Qwen3-VL video one per
+        temporal patch (`video_runs_per_patch`)."""
+        t, h, w = grid
+        if kind == "video" and self.video_runs_per_patch:
+            return [h * w // self.merge_size**2] * t
+        return [t * h * w // self.merge_size**2]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._need(self.language_model, "language model").embed_tokens(token_ids)

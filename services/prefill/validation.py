@@ -8,11 +8,11 @@ instance must share with it for the blocks it names to mean anything here.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from common.placeholder_runs import item_run_starts
 from common.protocol import MM_KINDS, FeatureOffer, KvDest, Prefill
 from services.wire_checks import id_problem, token_problem, vocab_size
 
@@ -88,12 +88,14 @@ def prefill_problem(msg: Prefill, lim: PrefillLimits, *, decodes: bool) -> str |
 
 
 def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
-    """Each item's grid must merge into whole tokens, and the prompt's placeholders come in one run
-    per item (a Qwen3-VL video: one per temporal patch, `video_runs_per_patch`) of exactly that many
-    tokens, of the item's kind (image, video or audio), in order: what the M-RoPE positions are
-    computed from. A placeholder of a kind the message has no items of is an ordinary text token.
-    (`num_tokens` says the same for whoever reads the message; the grid decides here. An audio clip's
-    grid is (1, 1, tokens), with the audio family's merge 1.)"""
+    """Each item's grid must merge into whole tokens, and each item must find its placeholder runs in
+    the prompt (one run of exactly its token count, a Qwen3-VL video one per temporal patch), in the
+    order of `mm`: the i-th run of a kind begins at the first placeholder of that kind after the
+    previous run (common/placeholder_runs.py). Placeholders past the runs, and any of a kind the
+    message has no items of, are ordinary text tokens, as vLLM serves them. The runs are what the
+    M-RoPE positions and the features' rows follow. (`num_tokens` says the same for whoever reads the
+    message; the grid decides here. An audio clip's grid is (1, 1, tokens), with the audio family's
+    merge 1.)"""
     if not msg.mm:
         return None
     pads = {"image": lim.image_token_id, "video": lim.video_token_id, "audio": lim.audio_token_id}
@@ -115,25 +117,30 @@ def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
         s = ref.second_per_grid_t
         if ref.kind == "video" and not (math.isfinite(s) and 0 < s <= MAX_SECOND_PER_GRID_T):
             return f"mm[{i}].second_per_grid_t must be in (0, {MAX_SECOND_PER_GRID_T:g}], got {s}"
-    present = {ref.kind for ref in msg.mm}  # a placeholder of a kind with no items is a text token
-    kind_of = {tok: kind for kind, tok in pads.items() if tok is not None and kind in present}
-    runs = [
-        (kind, len(list(g))) for kind, g in itertools.groupby(msg.token_ids, kind_of.get) if kind is not None
-    ]
-    wanted = []
-    for ref in msg.mm:
-        if ref.kind == "video" and lim.video_runs_per_patch:  # t runs of h * w / m^2, text between
-            t, h, w = ref.grid_thw
-            wanted += [("video", grid_tokens((1, h, w), m))] * t
-        else:
-            wanted.append((ref.kind, grid_tokens(ref.grid_thw, m)))
-    if runs != wanted:
-        return f"mm: token_ids hold placeholder runs of [{_runs(runs)}], the items make [{_runs(wanted)}]"
+    starts: list[int] = [0] * len(msg.mm)
+    for kind in dict.fromkeys(ref.kind for ref in msg.mm):  # each kind present, in order
+        chosen = [i for i, ref in enumerate(msg.mm) if ref.kind == kind]
+        lengths = [item_run_lengths(msg.mm[i], lim) for i in chosen]
+        try:
+            found = item_run_starts(msg.token_ids, pads[kind], [n for runs in lengths for n in runs])
+        except ValueError as exc:
+            return f"mm: the {kind} items' placeholder runs are not in token_ids: {exc}"
+        at = 0
+        for i, runs in zip(chosen, lengths, strict=True):
+            starts[i] = found[at]
+            at += len(runs)
+    if starts != sorted(starts):
+        return "mm: the items are not in the prompt order of their placeholder runs"
     return None
 
 
-def _runs(runs: list[tuple[str, int]]) -> str:
-    return ", ".join(f"{kind} {n}" for kind, n in runs[:8]) + (", ..." if len(runs) > 8 else "")
+def item_run_lengths(ref: Any, lim: PrefillLimits) -> list[int]:
+    """The placeholder runs one item takes: one of its token count, or for a Qwen3-VL video one per
+    temporal patch (`video_runs_per_patch`: timestamps and vision markers between them)."""
+    t, h, w = ref.grid_thw
+    if ref.kind == "video" and lim.video_runs_per_patch:
+        return [grid_tokens((1, h, w), lim.merge_size)] * t
+    return [grid_tokens(ref.grid_thw, lim.merge_size)]
 
 
 def grid_tokens(grid_thw: tuple[int, int, int], merge_size: int) -> int:

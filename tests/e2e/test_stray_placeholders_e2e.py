@@ -2,14 +2,14 @@
 
 A `<|video_pad|>` in the text of a request that carries an image but no video, or an `<|image_pad|>`
 in a text-only request, is an ordinary token: the answer equals transformers' greedy generate on the
-same ids with that token typed as text (no features, text M-RoPE), as vLLM serves it. A placeholder
-of a kind the request does carry, typed once more in its text, is refused with a 400 that names it.
+same ids with that token typed as text (no features, text M-RoPE), as vLLM serves it. So is an
+`<|image_pad|>` typed after the image's own: the image takes the first placeholder, the typed one is
+text (tests/reference.py scatters transformers' features at the image's run only).
 """
 
 from __future__ import annotations
 
 import openai
-import pytest
 
 from common.prompting import chat_prompt_ids
 from tests.e2e.conftest import image_message
@@ -28,11 +28,13 @@ def text_answer(reference, text: str) -> str:
     return tok.decode(tokens, skip_special_tokens=True)
 
 
-def test_typed_placeholders_of_absent_kinds_are_served_as_text(tiny_qwen2_vl, tmp_path, reference, images):
+def test_typed_placeholders_are_served_as_text(tiny_qwen2_vl, tmp_path, reference, images):
     beside_image = "Is there a <|video_pad|> in this picture?"
     text_only = "Is <|image_pad|> the same as <|video_pad|>?"
     expected_image = reference.answer(images[1], MAX_TOKENS, text=beside_image)
     expected_text = text_answer(reference, text_only)
+    one_more = "And is this <|image_pad|> in it?"
+    expected_one_more = reference.answer(images[1], MAX_TOKENS, text=one_more)
     with running_stack(tiny_qwen2_vl, "E1 P1 D1", tmp_path) as stack:
         client = openai.OpenAI(base_url=stack.base_url, api_key="none", max_retries=0, timeout=60)
         model = client.models.list().data[0].id
@@ -45,6 +47,4 @@ def test_typed_placeholders_of_absent_kinds_are_served_as_text(tiny_qwen2_vl, tm
 
         assert ask(image_message(images[1], beside_image)) == expected_image
         assert ask([{"role": "user", "content": text_only}]) == expected_text
-        with pytest.raises(openai.BadRequestError, match="2 image placeholder tokens but the request has 1"):
-            ask(image_message(images[1], "And this <|image_pad|>?"))
-        assert ask(image_message(images[1], beside_image)) == expected_image, "it keeps serving"
+        assert ask(image_message(images[1], one_more)) == expected_one_more

@@ -173,12 +173,20 @@ async def test_limits(audio_client) -> None:
     )
 
 
-async def test_placeholders_typed_in_text_are_refused(audio_client) -> None:
+async def test_an_audio_placeholder_typed_in_the_text_is_text(
+    audio_client, audio_fake, audio_tokenizer
+) -> None:
+    """As vLLM does, the first `<|AUDIO|>` of the prompt takes the clip (here the typed one, which
+    comes first); the template's own, after it, stays an ordinary token."""
     client = await audio_client()
-    await refused(
-        client, [{"type": "text", "text": "<|AUDIO|>"}, input_audio(WAV)], "messages",
-        "audio placeholder tokens may not appear in the text of a request that carries audio clips",
-    )  # fmt: skip
+    response = await client.post(
+        CHAT, json=chat_body([{"type": "text", "text": "<|AUDIO|>"}, input_audio(WAV)], max_tokens=2)
+    )
+    assert response.status == 200, await response.text()
+    request = audio_fake.requests[-1]
+    pad, n = audio_tokenizer.token_id("<|AUDIO|>"), request.images[0].num_tokens
+    first = request.token_ids.index(pad)
+    assert request.token_ids[first : first + n] == [pad] * n and request.token_ids.count(pad) == n + 1
 
 
 async def test_config_bounds_the_audio_limits(tiny_qwen2_audio) -> None:

@@ -63,7 +63,6 @@ BAD_INPUTS: list[tuple[str, str, Any, dict[str, Any], int, str, str | None]] = [
     ("file URI, none allowed", CHAT, _chat([image_part("file:///etc/hostname")]), {}, 400, "local image files are not allowed", "messages[0].content[0].image_url.url"),
     ("remote URL", CHAT, _chat([image_part("https://example.com/cat.png")]), {}, 400, "not fetched", "messages[0].content[0].image_url.url"),
     ("relative path", CHAT, _chat([image_part("cat.png")]), {}, 400, "unsupported image URL", "messages[0].content[0].image_url.url"),
-    ("placeholder token in the text of a request with an image", CHAT, _chat([IMG, {"type": "text", "text": "look: <|image_pad|>"}]), {}, 400, "2 image placeholder tokens but the request has 1 images", "messages"),
     ("body over the size limit", CHAT, _chat("x" * 5000), {"max_image_bytes": 1000, "max_request_bytes": 4000}, 413, "larger than the limit of 4000 bytes", None),
     ("completion without prompt", "/v1/completions", {"max_tokens": 2}, {}, 400, "missing required field 'prompt'", "prompt"),
     ("completion empty prompt", "/v1/completions", {"prompt": ""}, {}, 400, "'prompt' must not be empty", "prompt"),
@@ -93,10 +92,10 @@ async def test_bad_input_is_refused_with_a_clear_message(
     assert good.status == 200, "the gateway must keep serving after a bad request"
 
 
-async def test_placeholders_of_a_kind_the_request_has_none_of_are_text(make_client, fake, tokenizer) -> None:
-    """A literal `<|video_pad|>` in a request with an image but no video, or `<|image_pad|>` in one
-    with no image, goes to the backend as the ordinary token it is (transformers and vLLM treat it
-    so); only the image's own placeholder is expanded."""
+async def test_placeholders_typed_in_the_text_are_text(make_client, fake, tokenizer) -> None:
+    """A literal `<|video_pad|>` in a request with an image but no video, `<|image_pad|>` in one with
+    no image, or one more `<|image_pad|>` after the image's own, goes to the backend as the ordinary
+    token it is (vLLM serves them so); only the image's own placeholder is expanded."""
     client = await make_client()
     image_pad, video_pad = tokenizer.token_id("<|image_pad|>"), tokenizer.token_id("<|video_pad|>")
     text = {"type": "text", "text": "a <|video_pad|> and a <|image_pad|>?"}
@@ -110,7 +109,12 @@ async def test_placeholders_of_a_kind_the_request_has_none_of_are_text(make_clie
     assert request.token_ids.count(video_pad) == 1
     assert request.token_ids.count(image_pad) == request.images[0].num_tokens > 1
     response = await client.post(CHAT, json=_chat([IMG, text]))
-    assert response.status == 400, "an image's placeholder typed in its own request stays refused"
+    assert response.status == 200, await response.text()
+    request = fake.requests[-1]
+    n = request.images[0].num_tokens
+    first = request.token_ids.index(image_pad)
+    assert request.token_ids[first : first + n] == [image_pad] * n  # the image's own run, first
+    assert request.token_ids.count(image_pad) == n + 1 and request.token_ids[first + n] != image_pad
 
 
 async def test_local_paths_outside_the_allowed_folders_are_refused(make_client, tmp_path) -> None:

@@ -63,7 +63,9 @@ def test_prefill_checks_audio_references() -> None:
     two = [MMRef(hash="a", grid_thw=(1, 1, 5), num_tokens=5, kind="audio"),
            MMRef(hash="b", grid_thw=(1, 1, 3), num_tokens=3, kind="audio")]  # fmt: skip
     assert mm_problem(prefill(two, [5, 3]), limits(AUDIO_ID)) is None
-    assert "placeholder runs of [audio 3, audio 5]" in mm_problem(prefill(two, [3, 5]), limits(AUDIO_ID))
+    assert mm_problem(prefill(two, [5, 3, 1]), limits(AUDIO_ID)) is None  # an `<|AUDIO|>` past them: text
+    swapped = mm_problem(prefill(two, [3, 5]), limits(AUDIO_ID))
+    assert "audio items' placeholder runs are not in token_ids: run 0 wants 5 placeholders" in swapped
     odd = [MMRef(hash="a", grid_thw=(1, 2, 5), num_tokens=10, kind="audio")]
     assert "grid is [1, 1, tokens]" in mm_problem(prefill(odd, [10]), limits(AUDIO_ID))
     assert mm_problem(prefill(two[:1], [5]), limits(None)) == "mm[0]: this model takes no audio"

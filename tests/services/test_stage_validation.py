@@ -53,7 +53,7 @@ def bad_prefills(loaded):
     """(name, fields, words the error must hold) for one image request."""
     _, h, item, ids, _ = request(loaded, "x", make_image(140, 100))
     ref = MMRef(hash=h, grid_thw=item.grid_thw, num_tokens=20)
-    other = request(loaded, "y", make_image(56, 56))[2]
+    other = request(loaded, "y", make_image(224, 168))[2]  # 48 tokens: more than the prompt has
     return (
         [
             ("past the vocabulary", {"token_ids": [*ids, 10**6]}, "token_ids: token id 1000000"),
@@ -71,11 +71,11 @@ def bad_prefills(loaded):
             ),
             ("zero grid", {"mm": [MMRef(hash=h, grid_thw=(0, 8, 10), num_tokens=0)]}, "mm[0]: grid_thw"),
             (
-                "another image's grid",
-                {"mm": [MMRef(hash=h, grid_thw=other.grid_thw, num_tokens=4)]},
-                "mm: token_ids",
+                "a larger image's grid",
+                {"mm": [MMRef(hash=h, grid_thw=other.grid_thw, num_tokens=48)]},
+                "runs are not in token_ids: run 0 wants 48 placeholders at position",
             ),
-            ("two images, one run", {"mm": [ref, ref]}, "mm: token_ids hold placeholder runs of [image 20]"),
+            ("two images, one run", {"mm": [ref, ref]}, "run 1 of 20 placeholders is missing"),
             (
                 "unknown kind",
                 {"mm": [MMRef(hash=h, grid_thw=item.grid_thw, num_tokens=20, kind="smell")]},
@@ -90,7 +90,7 @@ def bad_prefills(loaded):
                         )
                     ]
                 },
-                "runs of [], the items make [video 20]",  # the image pads are text: no image item
+                "the video items' placeholder runs are not in token_ids: run 0 of 20",  # image pads are text
             ),
             (
                 "a video without its seconds",

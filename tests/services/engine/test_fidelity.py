@@ -33,6 +33,9 @@ CASES = {
     # placeholders of a kind the prompt has no items of are ordinary tokens, in transformers as here
     "a_video_pad_typed_beside_an_image": ("Is <|video_pad|> in this picture?", [(140, 100)]),
     "placeholders_typed_in_text_only": ("Is <|image_pad|> a <|video_pad|>?", []),
+    # past the items' own, a placeholder of their kind is text too, as vLLM serves it
+    "an_image_pad_typed_after_an_image": ("And is <|image_pad|> in it?", [(140, 100)]),
+    "two_images_and_two_image_pads_typed": ("Is <|image_pad|> like <|image_pad|>?", [(224, 168), (84, 308)]),
 }
 
 
@@ -42,9 +45,13 @@ def test_greedy_matches_transformers(case, checkpoint, loaded):
     images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
     llm = LLM(loaded, EngineConfig(num_blocks=128, max_model_len=2048), keep_logits=True)
     ids, items = prompt(loaded, text, images)
-    if "_pad|>" in text:  # the typed placeholder is one token of its own
-        assert loaded.family.video_token_id in ids
-    ref_tokens, ref_logits = hf_greedy(checkpoint, loaded.family, ids, items, 24)
+    fam = loaded.family
+    typed = text.count("<|image_pad|>"), text.count("<|video_pad|>")  # each one token of its own
+    assert (ids.count(fam.image_token_id), ids.count(fam.video_token_id)) == (
+        typed[0] + sum(fam.num_image_tokens(i) for i in items),
+        typed[1],
+    )
+    ref_tokens, ref_logits = hf_greedy(checkpoint, fam, ids, items, 24)
     out = llm.generate(text, images, SamplingParams(max_tokens=24))
     diff = max_logit_diff(out.logits, ref_logits)
     print(f"{case}: {len(ids)} prompt tokens, {len(ref_tokens)} generated, max logit diff {diff:.2e}")
