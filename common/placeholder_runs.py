@@ -60,6 +60,16 @@ def item_run_starts(token_ids: Sequence[int], placeholder_id: int, lengths: Sequ
     return starts
 
 
+def run_lengths(kind: str, grid_thw: Sequence[int], merge_size: int, runs_per_patch: bool) -> list[int]:
+    """The placeholder runs one item takes: one of its token count, or, for a video of a family that
+    writes one run per temporal patch (Qwen3-VL: timestamps and vision markers between them), t runs."""
+    t, h, w = grid_thw
+    per_patch = (h // merge_size) * (w // merge_size)
+    if kind == "video" and runs_per_patch:
+        return [per_patch] * t
+    return [t * per_patch]
+
+
 def item_positions(token_ids: Sequence[int], placeholder_id: int, lengths: Sequence[int]) -> list[int]:
     """Every position of the runs of `item_run_starts`, in order."""
     starts = item_run_starts(token_ids, placeholder_id, lengths)

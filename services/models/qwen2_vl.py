@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from common.placeholder_runs import item_positions
+from common.placeholder_runs import item_positions, run_lengths
 from common.video import PreparedVideo
 from common.video_sampling import VideoSampling
 from services.engine.attention import AttentionMetadata
@@ -164,7 +164,10 @@ class Qwen2VLFamily:
         types = torch.zeros_like(ids, dtype=torch.int)
         for kind, pad in (("image", self.image_token_id), ("video", self.video_token_id)):
             lengths = [
-                n for g, k in zip(grids, kinds, strict=True) if k == kind for n in self.run_lengths(g, k)
+                n
+                for g, k in zip(grids, kinds, strict=True)
+                if k == kind
+                for n in run_lengths(k, g, self.merge_size, self.video_runs_per_patch)
             ]
             if lengths:
                 types[0, item_positions(token_ids, pad, lengths)] = MM_TOKEN_TYPES[kind]
@@ -199,14 +202,6 @@ class Qwen2VLFamily:
             mm_embeds=embeds,
             mm_token_indices=indices,
         )
-
-    def run_lengths(self, grid: tuple[int, int, int], kind: str) -> list[int]:
-        """The placeholder runs an item takes: one of its token count; a Qwen3-VL video one per
-        temporal patch (`video_runs_per_patch`)."""
-        t, h, w = grid
-        if kind == "video" and self.video_runs_per_patch:
-            return [h * w // self.merge_size**2] * t
-        return [t * h * w // self.merge_size**2]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._need(self.language_model, "language model").embed_tokens(token_ids)

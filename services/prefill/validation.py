@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from common.placeholder_runs import item_run_starts
+from common.placeholder_runs import item_run_starts, run_lengths
 from common.protocol import MM_KINDS, FeatureOffer, KvDest, Prefill
 from services.wire_checks import id_problem, token_problem, vocab_size
 
@@ -120,7 +120,7 @@ def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
     starts: list[int] = [0] * len(msg.mm)
     for kind in dict.fromkeys(ref.kind for ref in msg.mm):  # each kind present, in order
         chosen = [i for i, ref in enumerate(msg.mm) if ref.kind == kind]
-        lengths = [item_run_lengths(msg.mm[i], lim) for i in chosen]
+        lengths = [run_lengths(kind, msg.mm[i].grid_thw, m, lim.video_runs_per_patch) for i in chosen]
         try:
             found = item_run_starts(msg.token_ids, pads[kind], [n for runs in lengths for n in runs])
         except ValueError as exc:
@@ -132,15 +132,6 @@ def mm_problem(msg: Prefill, lim: PrefillLimits) -> str | None:
     if starts != sorted(starts):
         return "mm: the items are not in the prompt order of their placeholder runs"
     return None
-
-
-def item_run_lengths(ref: Any, lim: PrefillLimits) -> list[int]:
-    """The placeholder runs one item takes: one of its token count, or for a Qwen3-VL video one per
-    temporal patch (`video_runs_per_patch`: timestamps and vision markers between them)."""
-    t, h, w = ref.grid_thw
-    if ref.kind == "video" and lim.video_runs_per_patch:
-        return [grid_tokens((1, h, w), lim.merge_size)] * t
-    return [grid_tokens(ref.grid_thw, lim.merge_size)]
 
 
 def grid_tokens(grid_thw: tuple[int, int, int], merge_size: int) -> int:
